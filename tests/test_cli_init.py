@@ -1,0 +1,112 @@
+"""`lora-one init` end to end on tiny saved models, and its bad-input errors."""
+
+import json
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lora_one.cli import main
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+LM_ROWS = [{"prompt": f"Question {i}: what is {i} plus {i}?", "response": f" {2 * i}"} for i in range(10)]
+CLS_ROWS = [{"text": f"sample text number {i}", "label": ["pos", "neg"][i % 2]} for i in range(6)]
+
+
+def write_text(path, text):
+    path.write_text(text)
+    return path
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_init_causal_lm(tiny_llama_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
+    out = tmp_path / "init"
+    assert run("init", "--model", tiny_llama_dir, "--data", data, "--out", out, "--rank", 4,
+               "--init-samples", 4, "--init-batch-size", 2, "--max-length", 32) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in printed and "gradient phase" in printed and "SVD phase" in printed
+    meta = json.loads((out / "lora_one.json").read_text())
+    assert meta["init_samples"] == 4 and meta["init_batches"] == 2 and meta["variant"] == "lora-one"
+    assert len(meta["layers"]) == 14 and all(layer["sigma_1"] > 0 for layer in meta["layers"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    loaded = PeftModel.from_pretrained(base, out)
+    assert sum(p.numel() for n, p in loaded.named_parameters() if "lora_" in n) > 0
+
+
+def test_init_classification_csv(tiny_bert_dir, tmp_path):
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in CLS_ROWS))
+    out = tmp_path / "cls"
+    assert run("init", "--model", tiny_bert_dir, "--data", data, "--out", out, "--rank", 2, "--init-samples", 4) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["init_lora_weights"] is True
+    assert "classifier" in str(config["modules_to_save"])
+
+
+def test_same_seed_same_adapter_from_cli(tiny_llama_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
+    for name in ("a", "b"):
+        assert run("init", "--model", tiny_llama_dir, "--data", data, "--out", tmp_path / name,
+                   "--rank", 2, "--init-samples", 3, "--seed", 5) == 0
+    a = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: {"--model": "no-such-model"}, "neither an alias"),
+        (lambda d: {"--data": d / "missing.jsonl"}, "does not exist"),
+        (lambda d: {"--data": write_jsonl(d / "empty.jsonl", [])}, "holds no records"),
+        (lambda d: {"--data": write_jsonl(d / "bad.jsonl", [{"question": "x", "answer": "y"}])},
+         r"lacks field\(s\) \['prompt', 'response'\]"),
+        (lambda d: {"--data": write_text(d / "t.parquet", "PAR1")}, "Cannot read"),
+        (lambda d: {"--data": write_text(d / "broken.jsonl", '{"prompt": "a",\n')}, "Cannot parse"),
+        (lambda d: {"--rank": "100"}, "larger than the smallest dimension"),
+        (lambda d: {"--init-samples": "50"}, "exceeds the 10 training records"),
+        (lambda d: {"--target": "nope_proj"}, "No nn.Linear layer"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_no_output(setup, message, tiny_llama_dir, tmp_path, capsys):
+    args = {"--model": tiny_llama_dir, "--data": write_jsonl(tmp_path / "train.jsonl", LM_ROWS),
+            "--out": tmp_path / "out", "--rank": "2"}
+    args.update(setup(tmp_path))
+    assert run("init", *[x for kv in args.items() for x in kv]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_needs_overwrite(tiny_llama_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run("init", "--model", tiny_llama_dir, "--data", data, "--out", out, "--rank", 2) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert run("init", "--model", tiny_llama_dir, "--data", data, "--out", out, "--rank", 2, "--overwrite") == 0
+    assert (out / "lora_one.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_init_leaves_no_half_written_folder_on_failure(tiny_llama_dir, tmp_path, monkeypatch):
+    """A failure while saving leaves neither --out nor a temporary sibling behind."""
+    import lora_one.save
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora_one.save.PeftModel, "save_pretrained", boom)
+    data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
+    with pytest.raises(OSError, match="disk full"):
+        run("init", "--model", tiny_llama_dir, "--data", data, "--out", tmp_path / "out", "--rank", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]

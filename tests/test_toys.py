@@ -1,0 +1,97 @@
+"""The theory toys (`lora-one toy ...`) in --quick mode: every claim they check must hold."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from lora_one.toys import EXPERIMENTS, add_toy_parser, main_toy, run_all
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    """`lora-one toy all --quick` once for the whole module (a few seconds)."""
+    root = tmp_path_factory.mktemp("toy")
+    run_all(root, seed=0, quick=True)
+    return root
+
+
+# Claims that did not reproduce. They are reported (README, results.json), not weakened: the test
+# fails if one of them starts to hold (update the docs) or if any other claim breaks.
+NOT_REPRODUCED = {
+    ("spectral", "lora_ga_stays_far_above"): (
+        "PEFT 0.21's lora_ga_init scales lora_B by singular values r+1..2r of G; with rank(G) = 4 < r = 8 "
+        "those are round-off, so its LoRA-GA init degenerates to lora_B ~ 0 with lora_A aligned and converges"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_experiment_claims_hold(toy_root, name):
+    results = json.loads((toy_root / name / "results.json").read_text())
+    assert results["experiment"] == name
+    assert results["claims"], f"{name} checks no claim"
+    failing = {c["name"]: c["evidence"] for c in results["claims"] if c["holds"] is not True}
+    known = {claim for (experiment, claim) in NOT_REPRODUCED if experiment == name}
+    assert set(failing) == known, f"claims of {name} that do not hold: {json.dumps(failing, indent=1)[:3000]}"
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_experiment_writes_pngs(toy_root, name):
+    results = json.loads((toy_root / name / "results.json").read_text())
+    assert results["figures"]
+    for figure in results["figures"]:
+        data = (toy_root / name / figure).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, figure
+
+
+def test_summary_lists_every_claim_and_figure(toy_root):
+    summary = (toy_root / "summary.md").read_text()
+    for name in EXPERIMENTS:
+        results = json.loads((toy_root / name / "results.json").read_text())
+        for claim in results["claims"]:
+            assert f"`{claim['name']}`" in summary
+        for figure in results["figures"]:
+            assert f"({name}/{figure})" in summary
+
+
+def test_results_are_deterministic(toy_root, tmp_path):
+    from lora_one.toys import run_experiment
+
+    again = run_experiment("one-step", tmp_path, seed=0, quick=True).to_json()
+    first = json.loads((toy_root / "one-step" / "results.json").read_text())
+    assert again["data"] == first["data"]
+
+
+def test_parser_registers_toy(tmp_path):
+    parser = argparse.ArgumentParser(prog="lora-one")
+    add_toy_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["toy", "nonlinear", "--quick", "--seed", "3", "--out", str(tmp_path)])
+    assert (args.experiment, args.quick, args.seed, args.out) == ("nonlinear", True, 3, str(tmp_path))
+    assert args.func is main_toy
+    with pytest.raises(SystemExit):
+        parser.parse_args(["toy", "no-such-experiment"])
+
+
+def test_main_toy_runs_one_experiment(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    args = argparse.Namespace(experiment="nonlinear", out=str(tmp_path), seed=0, quick=True)
+    assert main_toy(args) == 0
+    assert (tmp_path / "results.json").exists() and "[nonlinear]" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # the toys run on one thread, then restore it
+
+
+def test_phase_distance_is_exact_on_the_curve():
+    from lora_one.toys.phase import distance_to_minimisers
+
+    c = torch.tensor([0.5, 1.5, -0.7, 3.0], dtype=torch.float64)
+    on_curve = torch.stack([2 / c, 1 / c, c], dim=1)
+    assert distance_to_minimisers(on_curve).max() < 1e-12
+    # the origin: min over c of 5 / c^2 + c^2 is 2 sqrt(5), at c^2 = sqrt(5)
+    origin = torch.zeros(1, 3, dtype=torch.float64)
+    assert distance_to_minimisers(origin).item() == pytest.approx((2 * 5**0.5) ** 0.5, rel=1e-9)

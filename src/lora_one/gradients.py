@@ -1,35 +1,80 @@
 """Step 1 of LoRA-One: the one-step full fine-tuning gradient of every target weight.
 
-`G = dL/dW` at the current weights, averaged over the given batches, where `L` is the model's own
-`.loss`. Only the target weights take a gradient; each is moved into an fp32 accumulator by a
-post-accumulate-grad hook as soon as autograd produces it, so at most one raw layer gradient lives
-beside the accumulators. The model is left exactly as it was found.
+`G = dL/dW` at the current weights, averaged over the given batches (and over the ranks of a
+`torch.distributed` job), where `L` is the model's own `.loss`. Three memory modes:
+
+- `accumulate`: only the target weights take a gradient; each is moved into an fp32 accumulator (on
+  the weight's device, or on CPU with `offload=True`) by a post-accumulate-grad hook as soon as autograd
+  produces it, so at most one raw layer gradient lives beside the accumulators. Returns `G` per layer.
+- `single-batch`: for one micro-batch holding all N samples, each layer's top-r SVD is taken inside
+  its hook and the gradient dropped at once. Returns a `TopSVD` per layer.
+- `sketch`: never forms a weight gradient. For `y = x W^T`, `G = sum_t g_t^T x_t`; forward hooks keep
+  the layer inputs `x`, tensor hooks on the outputs receive `g = dL/dy`, and both feed the linear
+  sketches `G @ Omega`, `Psi @ G` (`lora_one.sketch`). The base weights need no `requires_grad`, so a
+  frozen or quantised base works and the backward costs what a LoRA training step's backward costs.
+  Returns a `TopSVD` per layer.
+
+The model is left exactly as it was found: weights, `requires_grad` flags, train/eval mode, `.grad`.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from lora_one.sketch import GradientSketch, default_sizes
+from lora_one.spectral import TopSVD, randomized_svd
 from lora_one.targets import find_target_linears
+
+MODES = ("accumulate", "single-batch", "sketch")
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    return not distributed() or dist.get_rank() == 0
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
+    return t
+
+
+def _refuse_sharded_weights(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
+    sharded = any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules())
+    for w in weights.values():
+        sharded |= hasattr(w, "ds_id") or type(w.data).__name__ == "DTensor"
+    if sharded:
+        raise ValueError(
+            "The target weights are sharded (FSDP or DeepSpeed ZeRO-3), which estimate_gradients does "
+            "not gather. Supported: one process, or data parallelism with full weights on every rank "
+            "(torchrun/DDP, accelerate's multi-GPU). Run the LoRA-One init on the unsharded model, "
+            "then wrap it for FSDP/ZeRO-3 training."
+        )
 
 
 @contextmanager
-def _only_targets_require_grad(model: nn.Module, weights: dict[str, nn.Parameter]):
-    """Freeze everything but `weights`, turn dropout off; restore flags and mode afterwards."""
+def _estimation_state(model: nn.Module, weights: dict[str, nn.Parameter], weights_need_grad: bool):
+    """Freeze everything (but the targets, if they take gradients), dropout off; restore afterwards."""
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
     old_grads = {p: p.grad for p in weights.values()}  # a user's pending .grad must not leak into G
     try:
         for p in flags:
             p.requires_grad_(False)
-        for p in weights.values():
-            p.requires_grad_(True)
-            p.grad = None
+        if weights_need_grad:
+            for p in weights.values():
+                p.requires_grad_(True)
+                p.grad = None
         model.eval()
         yield
     finally:
@@ -41,6 +86,115 @@ def _only_targets_require_grad(model: nn.Module, weights: dict[str, nn.Parameter
             m.train(mode)
 
 
+def _check(name: str, finite: bool, nonzero: bool) -> None:
+    if not finite:
+        raise ValueError(
+            f"The gradient of {name!r} contains NaN or Inf (an overflow in low precision? load "
+            "the model in float32) - check the weights and the data."
+        )
+    if not nonzero:
+        raise ValueError(
+            f"The gradient of {name!r} is exactly zero: the loss never reaches this layer. "
+            "Leave it out of target_modules."
+        )
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return seed * 1_000_003 + zlib.crc32(name.encode())  # distinct per layer, same on every rank
+
+
+class _Accumulate:
+    weights_need_grad = True
+
+    def __init__(self, targets, offload: bool, **_):
+        self.sums = {
+            n: torch.zeros(m.weight.shape, dtype=torch.float32, device="cpu" if offload else m.weight.device)
+            for n, m in targets.items()
+        }
+        self.handles = [m.weight.register_post_accumulate_grad_hook(self._hook(n)) for n, m in targets.items()]
+
+    def _hook(self, name):
+        def hook(param):
+            self.sums[name].add_(param.grad.to(self.sums[name].device))
+            param.grad = None  # free the raw gradient at once
+
+        return hook
+
+    def finish(self, n_batches: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, total in self.sums.items():
+            g = _all_reduce_sum(total).div_(n_batches)
+            _check(name, bool(torch.isfinite(g).all()), bool(g.any()))
+            out[name] = g
+        return out
+
+
+class _SingleBatch:
+    weights_need_grad = True
+
+    def __init__(self, targets, rank: int, seed: int, **_):
+        self.rank, self.seed, self.svds = rank, seed, {}
+        self.world = dist.get_world_size() if distributed() else 1
+        self.handles = [m.weight.register_post_accumulate_grad_hook(self._hook(n)) for n, m in targets.items()]
+
+    def _hook(self, name):
+        def hook(param):
+            g = _all_reduce_sum(param.grad.float()).div_(self.world)
+            param.grad = None
+            _check(name, bool(torch.isfinite(g).all()), bool(g.any()))
+            self.svds[name] = randomized_svd(g, self.rank, seed=_layer_seed(self.seed, name))
+
+        return hook
+
+    def finish(self, n_batches: int) -> dict[str, TopSVD]:
+        if n_batches != 1:
+            raise ValueError(
+                f"mode='single-batch' needs all init samples in one micro-batch per rank, got "
+                f"{n_batches} batches; raise the batch size or use mode='accumulate' or 'sketch'."
+            )
+        return self.svds
+
+
+class _Sketch:
+    weights_need_grad = False
+
+    def __init__(self, targets, rank: int, seed: int, oversample: int | None, model: nn.Module, **_):
+        self.rank, self.sketches = rank, {}
+        self.handles = []
+        for name, m in targets.items():
+            out_f, in_f = m.weight.shape
+            k, l = default_sizes(rank, out_f, in_f, oversample)
+            self.sketches[name] = GradientSketch.empty(out_f, in_f, k, l, _layer_seed(seed, name), m.weight.device)
+            self.handles.append(m.register_forward_hook(self._forward_hook(name)))
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embeddings is None:
+            raise ValueError("mode='sketch' needs a model with get_input_embeddings() to start the backward.")
+        # No weight takes a gradient, so make the embedding output a leaf of the graph: the backward
+        # then computes input gradients only, as in LoRA training.
+        self.handles.append(embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_(True)))
+
+    def _forward_hook(self, name):
+        sketch = self.sketches[name]
+
+        def forward_hook(module, args, output):
+            if not output.requires_grad:  # e.g. the first pass of activation checkpointing
+                return
+            x = args[0].detach()
+            output.register_hook(lambda g: sketch.add_tokens(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])))
+
+        return forward_hook
+
+    def finish(self, n_batches: int) -> dict[str, TopSVD]:
+        out = {}
+        for name, sk in self.sketches.items():
+            _all_reduce_sum(sk.Y)
+            _all_reduce_sum(sk.W)
+            sk.scale_(1.0 / n_batches)
+            _check(name, bool(torch.isfinite(sk.Y).all() and torch.isfinite(sk.W).all()), bool(sk.Y.any()))
+            out[name] = sk.top_svd(self.rank)
+        return out
+
+
 def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -50,48 +204,60 @@ def estimate_gradients(
     batches: Iterable[Mapping],
     target_modules=None,
     progress: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Mean over `batches` of `d model(**batch).loss / dW` for every target `nn.Linear` weight.
+    mode: str = "accumulate",
+    offload: bool = False,
+    rank: int | None = None,
+    oversample: int | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor | TopSVD]:
+    """Mean over `batches` (and ranks) of `d model(**batch).loss / dW` for every target `nn.Linear`.
 
     Args:
         model: a transformers model, or a `PeftModel` (then the targets are the base layers of its LoRA
             layers and the gradient is taken at the model's current function).
-        batches: an iterable of model-input dicts with `labels`, e.g. a DataLoader.
+        batches: an iterable of model-input dicts with `labels`, e.g. a DataLoader. Under
+            `torch.distributed`, each rank passes its own shard.
         target_modules: what PEFT's `LoraConfig.target_modules` accepts; `"all-linear"` by default.
+        mode: `accumulate` (default), `single-batch` or `sketch`, see the module docstring.
+        offload: `accumulate` mode keeps its fp32 accumulators on CPU.
+        rank, oversample, seed: the top-`rank` SVD of `single-batch` and `sketch` modes, the sketch's
+            oversampling (`k = rank + oversample`, default `3 * rank`) and the test matrices' seed.
 
     Returns:
-        `{module name: fp32 gradient of shape (out, in)}`. Names are those of the base model's
-        `named_modules()` (for a plain model, its own names), the names PEFT's target matching sees.
+        `{module name: G}` (fp32, `(out, in)`) in `accumulate` mode, `{module name: TopSVD of G}`
+        otherwise. Names are those of the base model's `named_modules()`.
     """
+    if mode not in MODES:
+        raise ValueError(f"Unknown gradient mode {mode!r}; use one of {', '.join(MODES)}.")
+    if mode != "accumulate" and not rank:
+        raise ValueError(f"mode={mode!r} needs the LoRA rank (rank=r) to size its SVD.")
     targets = find_target_linears(model, target_modules)
     weights = {name: module.weight for name, module in targets.items()}
-    for name, w in weights.items():
-        if not w.dtype.is_floating_point:
-            raise ValueError(
-                f"Layer {name!r} stores its weight as {w.dtype}, which cannot take a gradient (a "
-                "quantised base?). Load the model in float32/bfloat16 for the LoRA-One init, or "
-                "leave this layer out of target_modules."
-            )
+    _refuse_sharded_weights(model, weights)
+    if mode != "sketch":
+        for name, w in weights.items():
+            if not w.dtype.is_floating_point:
+                raise ValueError(
+                    f"Layer {name!r} stores its weight as {w.dtype}, which cannot take a gradient (a "
+                    "quantised base?). Use mode='sketch', which needs no weight gradient, or load the "
+                    "model in float32/bfloat16."
+                )
     device = next(iter(weights.values())).device
-    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
-
-    def make_hook(name: str):
-        def hook(param: torch.Tensor) -> None:
-            sums[name].add_(param.grad)
-            param.grad = None  # free the raw gradient at once
-
-        return hook
+    collector_cls = {"accumulate": _Accumulate, "single-batch": _SingleBatch, "sketch": _Sketch}[mode]
 
     n_batches = 0
-    with _only_targets_require_grad(model, weights):
-        handles = [w.register_post_accumulate_grad_hook(make_hook(n)) for n, w in weights.items()]
+    with _estimation_state(model, weights, collector_cls.weights_need_grad):
+        collector = collector_cls(targets, offload=offload, rank=rank, seed=seed, oversample=oversample, model=model)
         try:
-            for batch in tqdm(batches, desc="one-step gradient", unit="batch", disable=not progress):
+            bar = tqdm(batches, desc=f"one-step gradient ({mode})", unit="batch", disable=not (progress and is_main_process()))
+            for batch in bar:
                 if "labels" not in batch:
                     raise ValueError(
                         "A batch has no 'labels': the one-step gradient needs the training loss. "
                         "Add labels (for a causal LM, input_ids with the prompt and padding set to -100)."
                     )
+                if mode == "single-batch" and n_batches == 1:
+                    collector.finish(2)  # raises: more than one batch
                 loss = model(**_to_device(batch, device)).loss
                 if loss is None:
                     raise ValueError("The model returned no .loss for a batch that has labels.")
@@ -100,23 +266,9 @@ def estimate_gradients(
                 loss.backward()
                 n_batches += 1
         finally:
-            for h in handles:
+            for h in collector.handles:
                 h.remove()
-    if n_batches == 0:
-        raise ValueError("No batches were given: the one-step gradient needs at least one training batch.")
-
-    grads = {}
-    for name, total in sums.items():
-        g = total.div_(n_batches)
-        if not torch.isfinite(g).all():
-            raise ValueError(
-                f"The gradient of {name!r} contains NaN or Inf (an overflow in low precision? load "
-                "the model in float32) - check the weights and the data."
-            )
-        if not g.any():
-            raise ValueError(
-                f"The gradient of {name!r} is exactly zero: the loss never reaches this layer. "
-                "Leave it out of target_modules."
-            )
-        grads[name] = g
-    return grads
+        total = int(_all_reduce_sum(torch.tensor([n_batches], dtype=torch.float64, device=device)).item())
+        if total == 0:
+            raise ValueError("No batches were given: the one-step gradient needs at least one training batch.")
+        return collector.finish(total if mode != "single-batch" else n_batches)

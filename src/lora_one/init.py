@@ -13,10 +13,11 @@ import time
 from collections.abc import Iterable, Mapping
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
 from torch import nn
 
-from lora_one.gradients import estimate_gradients
+from lora_one.gradients import distributed, estimate_gradients
 from lora_one.spectral import (
     BASE_CHANGING_VARIANTS,
     GRADIENT_VARIANTS,
@@ -87,6 +88,11 @@ def init_lora_one(
                 f"No gradient for LoRA layer {name!r}; estimate_gradients must cover the same "
                 "target_modules as the LoRA config."
             )
+        if variant == "lora-ga" and not isinstance(grads[name], torch.Tensor):
+            raise ValueError(
+                "lora-ga runs PEFT's own implementation, which needs the full gradient; estimate it "
+                "with mode='accumulate'."
+            )
     if not gamma > 0:
         raise ValueError(f"gamma must be positive, got {gamma}.")
 
@@ -149,10 +155,14 @@ def get_lora_one_model(
     seed: int = 0,
     adapter_name: str = "default",
     progress: bool = True,
+    grad_mode: str = "accumulate",
+    offload: bool = False,
 ) -> PeftModel:
     """Estimate the one-step gradient on `batches`, wrap `model` with PEFT, initialise the adapter.
 
-    The gradient is taken on the plain model before wrapping (LoRA would add nothing at step 0).
+    The gradient is taken on the plain model before wrapping (LoRA would add nothing at step 0), in
+    `grad_mode` (`accumulate`, `single-batch` or `sketch`, see `estimate_gradients`). Under
+    `torch.distributed`, each rank passes its shard of the init batches and gets the same adapter.
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
     """
     check_variant(variant)
@@ -162,7 +172,10 @@ def get_lora_one_model(
     gradients = None
     t0 = time.perf_counter()
     if variant in NEEDS_GRADIENT:
-        gradients = estimate_gradients(model, batches, lora_config.target_modules, progress=progress)
+        gradients = estimate_gradients(
+            model, batches, lora_config.target_modules, progress=progress, mode=grad_mode,
+            offload=offload, rank=lora_config.r, seed=seed,
+        )
     grad_seconds = time.perf_counter() - t0
     config = copy.deepcopy(lora_config)
     config.init_lora_weights = True  # the saved config must load as a plain LoRA adapter
@@ -176,7 +189,9 @@ def get_lora_one_model(
         "variant": variant,
         "gamma": gamma,
         "normalisation": NORMALISATION[variant],
-        "svd": svd,
+        "svd": svd if grad_mode == "accumulate" else f"{grad_mode} (top-r SVD in the gradient phase)",
+        "grad_mode": grad_mode,
+        "world_size": dist.get_world_size() if distributed() else 1,
         "seed": seed,
         "init_samples": sum(_batch_size(b) for b in batches),
         "init_batches": len(batches),

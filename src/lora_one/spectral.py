@@ -93,7 +93,7 @@ def subspace_sine(U1: torch.Tensor, U2: torch.Tensor) -> float:
 
 
 def lora_factors_and_spectrum(
-    G: torch.Tensor,
+    G: torch.Tensor | TopSVD,
     r: int,
     variant: str = "lora-one",
     gamma: float = 128.0,
@@ -101,13 +101,15 @@ def lora_factors_and_spectrum(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(lora_B, lora_A, S)` of one layer from its one-step gradient `G` (shape `(out, in)`), with `S`
-    the top-r singular values of `G`.
+    the top-r singular values of `G`. `G` may also be given as its top-r SVD (`TopSVD`, e.g. from the
+    sketch mode of `estimate_gradients`); then `svd` and `seed` are not used.
 
-    - `lora-one`: with `-G = U S V^T`, `B = U_r sqrt(S_r) / sqrt(gamma S_0)`,
-      `A = sqrt(S_r) V_r^T / sqrt(gamma S_0)`, so `B A = -G_r / (gamma S_0)`.
+    With `G = U S V^T` (so `-G = (-U) S V^T`):
+    - `lora-one`: `B = -U_r sqrt(S_r) / sqrt(gamma S_0)`, `A = sqrt(S_r) V_r^T / sqrt(gamma S_0)`,
+      so `B A = -G_r / (gamma S_0)`.
     - `spectral`: the same without the `S_0` normalisation, `B A = -G_r / gamma`.
-    - `lora-one-v1`: with `+G = U S V^T`, `B = U_r out^(1/4) / sqrt(gamma)`,
-      `A = V_r^T out^(1/4) / sqrt(gamma)`; the caller subtracts `s B A` from the base weight.
+    - `lora-one-v1`: `B = U_r out^(1/4) / sqrt(gamma)`, `A = V_r^T out^(1/4) / sqrt(gamma)`; the caller
+      subtracts `s B A` from the base weight.
 
     Both factors of the first two are balanced (`B^T B == A A^T`), which the preconditioner likes.
     Works in fp32 whatever the dtype of `G`; the caller casts to the adapter's dtype.
@@ -116,20 +118,23 @@ def lora_factors_and_spectrum(
         raise ValueError(f"lora_factors computes {GRADIENT_VARIANTS}, not {variant!r}.")
     if not gamma > 0:
         raise ValueError(f"gamma must be positive, got {gamma}.")
-    G = G.float()
-    # The SVD of -G and of +G share singular values; only the sign of one factor differs.
-    t = top_svd(G if variant == "lora-one-v1" else -G, r, svd, seed)
+    if isinstance(G, TopSVD):
+        if G.S.numel() < r:
+            raise ValueError(f"the given SVD holds {G.S.numel()} triplets, fewer than r={r}.")
+        t = TopSVD(G.U[:, :r].float(), G.S[:r].float(), G.Vh[:r].float())
+    else:
+        t = top_svd(G.float(), r, svd, seed)
     if not t.S[0] > 0:
         raise ValueError("the gradient is zero: this layer does not affect the loss.")
     if variant == "lora-one-v1":
-        scale = G.shape[0] ** 0.25 / gamma**0.5
+        scale = t.U.shape[0] ** 0.25 / gamma**0.5
         return t.U * scale, t.Vh * scale, t.S
     norm = gamma * t.S[0] if variant == "lora-one" else gamma
     root = (t.S / norm).sqrt()
-    return t.U * root, root[:, None] * t.Vh, t.S
+    return -t.U * root, root[:, None] * t.Vh, t.S
 
 
-def lora_factors(G: torch.Tensor, r: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_factors(G: torch.Tensor | TopSVD, r: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """`(lora_B, lora_A)` only; see `lora_factors_and_spectrum` for the arguments and formulas."""
     B, A, _ = lora_factors_and_spectrum(G, r, *args, **kwargs)
     return B, A

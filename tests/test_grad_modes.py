@@ -1,0 +1,135 @@
+"""Memory modes of estimate_gradients (sketch, single-batch, offload) against accumulate mode and
+dense references; gradient checkpointing, bf16 and PeftModel inputs."""
+
+import copy
+
+import pytest
+import torch
+from conftest import lm_batches, tiny_llama
+from peft import LoraConfig, get_peft_model
+
+from lora_one import estimate_gradients, get_lora_one_model
+from lora_one.sketch import GradientSketch, default_sizes
+from lora_one.spectral import TopSVD, exact_svd, lora_factors, subspace_sine
+
+
+def test_matrix_free_sketch_equals_dense_sketch():
+    g = torch.Generator().manual_seed(0)
+    grads, inputs = torch.randn(50, 12, generator=g), torch.randn(50, 20, generator=g)
+    a, b = GradientSketch.empty(12, 20, 5, 11, seed=3), GradientSketch.empty(12, 20, 5, 11, seed=3)
+    a.add_tokens(grads, inputs)
+    b.add_matrix(grads.T @ inputs)
+    G = grads.T @ inputs
+    for x, y in ((a.Y, b.Y), (a.W, b.W), (a.Y, G @ a.omega), (a.W, a.psi @ G)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+
+
+def test_sketch_reconstructs_an_exactly_low_rank_matrix():
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(40, 6, generator=g) @ torch.randn(6, 30, generator=g)  # rank 6
+    k, l = default_sizes(4, 40, 30)
+    sk = GradientSketch.empty(40, 30, k, l, seed=0)
+    sk.add_matrix(G)
+    t, e = sk.top_svd(4), exact_svd(G.double(), 4)
+    assert subspace_sine(e.U, t.U) < 1e-5 and subspace_sine(e.Vh.T, t.Vh.T) < 1e-5
+    torch.testing.assert_close(t.S.double(), e.S, rtol=1e-5, atol=0)
+
+
+def assert_same_top_subspace(svd: TopSVD, G: torch.Tensor, r: int, tol: float):
+    e = exact_svd(G.double(), r)
+    assert subspace_sine(e.U, svd.U) <= tol and subspace_sine(e.Vh.T, svd.Vh.T) <= tol
+    torch.testing.assert_close(svd.S.double(), e.S, rtol=tol, atol=1e-9)
+
+
+def test_sketch_mode_with_full_sketch_equals_accumulate():
+    """With sketches as wide as the layer the single-pass SVD is exact: it must match the exact top-r
+    SVD of the accumulated gradient, and the factors must match too."""
+    model, batches = tiny_llama(), lm_batches(n=4, batch_size=2)
+    G = estimate_gradients(model, batches, progress=False)
+    S = estimate_gradients(model, batches, progress=False, mode="sketch", rank=4, oversample=64)
+    assert S.keys() == G.keys()
+    for name in G:
+        assert_same_top_subspace(S[name], G[name], 4, 1e-3)
+        B1, A1 = lora_factors(S[name], 4, "lora-one", 16.0)
+        B2, A2 = lora_factors(G[name], 4, "lora-one", 16.0, "exact")
+        torch.testing.assert_close(B1 @ A1, B2 @ A2, rtol=1e-3, atol=1e-5)
+
+
+def test_sketch_mode_never_forms_a_weight_gradient(llama):
+    snapshot = {n: p.requires_grad for n, p in llama.named_parameters()}
+    for p in llama.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: pytest.fail("a weight gradient was formed"))
+    estimate_gradients(llama, lm_batches(), progress=False, mode="sketch", rank=2)
+    assert {n: p.requires_grad for n, p in llama.named_parameters()} == snapshot
+    assert all(p.grad is None for p in llama.parameters())
+
+
+def test_single_batch_mode_equals_accumulate(llama):
+    batches = lm_batches(n=4, batch_size=4)
+    G = estimate_gradients(llama, batches, progress=False)
+    S = estimate_gradients(llama, batches, progress=False, mode="single-batch", rank=4)
+    for name in G:
+        assert_same_top_subspace(S[name], G[name], 4, 1e-4)
+    with pytest.raises(ValueError, match="needs all init samples in one micro-batch"):
+        estimate_gradients(llama, lm_batches(n=4, batch_size=2), progress=False, mode="single-batch", rank=4)
+
+
+def test_offload_and_gradient_checkpointing_agree(llama):
+    batches = lm_batches()
+    G = estimate_gradients(llama, batches, progress=False)
+    ckpt = copy.deepcopy(llama)
+    ckpt.gradient_checkpointing_enable()
+    ckpt.train()  # checkpointing is active in train mode; the estimate switches to eval itself
+    for mode in ("accumulate", "sketch"):
+        out = estimate_gradients(ckpt, batches, progress=False, mode=mode, rank=4, oversample=64, offload=True)
+        for name in G:
+            if mode == "accumulate":
+                torch.testing.assert_close(out[name], G[name], rtol=1e-5, atol=1e-8)
+            else:
+                assert_same_top_subspace(out[name], G[name], 4, 1e-3)
+
+
+def test_bf16_model_accumulates_in_fp32(llama):
+    batches = lm_batches()
+    G = estimate_gradients(llama, batches, progress=False)
+    half = copy.deepcopy(llama).to(torch.bfloat16)
+    for mode in ("accumulate", "sketch"):
+        out = estimate_gradients(half, batches, progress=False, mode=mode, rank=2, oversample=64)
+        for name in G:
+            if mode == "accumulate":
+                assert out[name].dtype == torch.float32
+                rel = (out[name] - G[name]).norm() / G[name].norm()
+            else:
+                e = exact_svd(G[name].double(), 2)
+                rel = subspace_sine(e.U, out[name].U)
+            assert rel < 0.1, (mode, name, float(rel))
+
+
+def test_get_lora_one_model_in_sketch_mode_on_a_peft_model():
+    model, batches = tiny_llama(), lm_batches()
+    config = LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")
+    sketched = get_lora_one_model(copy.deepcopy(model), config, batches, grad_mode="sketch")
+    assert sketched.lora_one_metadata["grad_mode"] == "sketch"
+    # the sketch of a PeftModel (B = 0: the function of the base) sees the same gradient
+    wrapped = get_peft_model(copy.deepcopy(model), config)
+    from_peft = estimate_gradients(wrapped, batches, progress=False, mode="sketch", rank=4, oversample=64)
+    G = estimate_gradients(model, batches, progress=False)
+    for name in G:
+        assert_same_top_subspace(from_peft[name], G[name], 4, 1e-3)
+
+
+def test_bad_mode_arguments(llama):
+    with pytest.raises(ValueError, match="Unknown gradient mode"):
+        estimate_gradients(llama, lm_batches(), mode="stream")
+    with pytest.raises(ValueError, match="needs the LoRA rank"):
+        estimate_gradients(llama, lm_batches(), mode="sketch")
+    with pytest.raises(ValueError, match="lora-ga runs PEFT's own implementation"):
+        get_lora_one_model(llama, LoraConfig(r=2, target_modules="all-linear"), lm_batches(),
+                           variant="lora-ga", grad_mode="sketch")
+
+
+def test_quantised_weights_need_sketch_mode(llama):
+    q = llama.model.layers[0].self_attn.q_proj
+    q.weight = torch.nn.Parameter(q.weight.to(torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="Use mode='sketch'"):
+        estimate_gradients(llama, lm_batches(), progress=False)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from lora_one.sketch import GradientSketch, default_sizes
+from lora_one.sketch import GradientSketch, default_sizes, test_matrix
 from lora_one.spectral import TopSVD, randomized_svd
 from lora_one.targets import find_target_linears
 
@@ -159,12 +159,20 @@ class _Sketch:
     weights_need_grad = False
 
     def __init__(self, targets, rank: int, seed: int, oversample: int | None, model: nn.Module, **_):
-        self.rank, self.sketches = rank, {}
-        self.handles = []
+        self.rank, self.sketches, self.handles = rank, {}, []
+        shared: dict[tuple, torch.Tensor] = {}  # test matrices, one per (size, device)
+
+        def matrix(rows: int, cols: int, device) -> torch.Tensor:
+            key = (rows, cols, str(device))
+            if key not in shared:
+                shared[key] = test_matrix(rows, cols, seed * 1_000_003 + rows * 7919 + cols, device)
+            return shared[key]
+
         for name, m in targets.items():
             out_f, in_f = m.weight.shape
             k, l = default_sizes(rank, out_f, in_f, oversample)
-            self.sketches[name] = GradientSketch.empty(out_f, in_f, k, l, _layer_seed(seed, name), m.weight.device)
+            dev = m.weight.device
+            self.sketches[name] = GradientSketch.with_test_matrices(matrix(k, in_f, dev).mT, matrix(l, out_f, dev))
             self.handles.append(m.register_forward_hook(self._forward_hook(name)))
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embeddings is None:

@@ -33,6 +33,12 @@ def default_sizes(r: int, m: int, n: int, oversample: int | None = None) -> tupl
     return k, min(2 * k + 1, m)
 
 
+def test_matrix(rows: int, cols: int, seed: int, device=None) -> torch.Tensor:
+    """A Gaussian matrix from a CPU generator: the same on every device and every rank."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen).to(device)
+
+
 @dataclass
 class GradientSketch:
     """Linear sketches of one layer's gradient; `add_tokens` accumulates `sum_t g_t^T x_t`."""
@@ -44,10 +50,14 @@ class GradientSketch:
 
     @classmethod
     def empty(cls, m: int, n: int, k: int, l: int, seed: int, device=None) -> GradientSketch:
-        gen = torch.Generator(device="cpu").manual_seed(seed)  # same test matrices on every rank
-        omega = torch.randn(n, k, generator=gen).to(device)
-        psi = torch.randn(l, m, generator=gen).to(device)
-        return cls(omega, psi, torch.zeros(m, k, device=device), torch.zeros(l, n, device=device))
+        return cls.with_test_matrices(test_matrix(n, k, seed, device), test_matrix(l, m, seed + 1, device))
+
+    @classmethod
+    def with_test_matrices(cls, omega: torch.Tensor, psi: torch.Tensor) -> GradientSketch:
+        """A zero sketch over given test matrices. Layers of the same shape may share them: each
+        layer's sketch is still a valid Gaussian sketch, and memory stays O(distinct shapes)."""
+        (n, k), (l, m) = omega.shape, psi.shape
+        return cls(omega, psi, torch.zeros(m, k, device=omega.device), torch.zeros(l, n, device=omega.device))
 
     def add_tokens(self, g: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> None:
         """Add `scale * g^T x` for output gradients `g` `(T, m)` and inputs `x` `(T, n)`, without ever

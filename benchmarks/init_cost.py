@@ -1,0 +1,222 @@
+"""Cost of the LoRA-One init against LoRA training and against the reference approach, side by side.
+
+SmolLM2-135M-Instruct, TREC prompts, max length 128, all linear layers, rank 8. For N = 8 and N = 64:
+
+- wall time of the gradient phase and of the SVD phase per mode, as ratios to LoRA training steps on
+  the same N samples (micro-batches of 1);
+- peak memory (RSS growth over the loaded model, each measurement in its own process) as a ratio to a
+  LoRA training step on one micro-batch;
+- our randomised SVD and the sketch against the reference's `torch.svd_lowrank(q=512, niter=16)` on
+  the same real gradients: speed and top-r subspace error against an exact float64 SVD;
+- bytes an all-reduce would move per mode;
+- the same accounting projected on paper to LLaMA-2-7B shapes.
+
+    python benchmarks/init_cost.py [--quick]      # --quick: N = 8 only, fewer layers for the errors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+R, MAX_LEN, SEED = 8, 128, 0
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load(n: int, batch_size: int = 1):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_one.data import causal_lm_features, init_batches
+    from lora_one.embedded_data import load as load_data
+    from lora_one.models import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    feats = causal_lm_features(load_data("trec:train"), tok, MAX_LEN)
+    return model, init_batches(feats, n, batch_size, SEED, tok.pad_token_id)
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=R, lora_alpha=16, use_rslora=True, target_modules="all-linear")
+
+
+def reference_svd(G: torch.Tensor):
+    """The reference's SVD setting (q capped by the matrix size, as svd_lowrank requires)."""
+    return torch.svd_lowrank(G, q=min(512, *G.shape), niter=16)
+
+
+def child(job: str, n: int) -> dict:
+    """One measurement in a fresh process: times and peak RSS growth over the loaded model."""
+    from peft import get_peft_model
+
+    from lora_one import create_optimizer, estimate_gradients, init_lora_one
+    from lora_one.spectral import top_svd
+
+    batch_size = n if job == "single-batch" else 1
+    model, batches = load(n, batch_size)
+    torch.manual_seed(SEED)
+    for b in batches[:1]:  # warm-up forward so one-off allocations do not count
+        with torch.no_grad():
+            model(**b)
+    base = rss_mb()
+    out: dict = {"job": job, "n": n}
+    if job == "lora-train":
+        peft_model = get_peft_model(model, lora_config())
+        opt = create_optimizer(peft_model, lr=2e-4)
+        t0 = time.perf_counter()
+        for b in batches:
+            peft_model(**b).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out["seconds"] = time.perf_counter() - t0
+    elif job in ("accumulate", "sketch", "single-batch", "reference"):
+        mode = "accumulate" if job == "reference" else job
+        t0 = time.perf_counter()
+        grads = estimate_gradients(model, batches, progress=False, mode=mode, rank=R, seed=SEED)
+        t1 = time.perf_counter()
+        if job == "accumulate":
+            svds = {k: top_svd(g, R, "randomized", SEED) for k, g in grads.items()}
+        elif job == "reference":
+            svds = {k: reference_svd(g) for k, g in grads.items()}
+        else:
+            svds = grads  # the SVD was taken in the gradient phase
+        t2 = time.perf_counter()
+        peft_model = get_peft_model(model, lora_config())
+        init_lora_one(peft_model, {k: v for k, v in grads.items()}, seed=SEED)
+        out.update(gradient_seconds=t1 - t0, svd_seconds=t2 - t1)
+        del svds
+    out["peak_mb_over_model"] = rss_mb() - base
+    return out
+
+
+def run_child(job: str, n: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", job, "--n", str(n)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{job} N={n} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def svd_accuracy(n: int, layer_stride: int) -> dict:
+    """Ours vs the reference SVD vs the sketch on the same real gradients, against float64 SVD."""
+    from lora_one import estimate_gradients
+    from lora_one.spectral import exact_svd, randomized_svd, subspace_sine
+
+    model, batches = load(n)
+    grads = estimate_gradients(model, batches, progress=False)
+    sketches = estimate_gradients(model, batches, progress=False, mode="sketch", rank=R, seed=SEED)
+    names = list(grads)[::layer_stride]
+    t_ours = t_ref = 0.0
+    err = {"ours": [], "reference": [], "sketch": [], "sketch_product": []}
+    for name in names:
+        G = grads[name]
+        t0 = time.perf_counter()
+        ours = randomized_svd(G, R, seed=SEED)
+        t1 = time.perf_counter()
+        U, S, V = reference_svd(G)
+        t2 = time.perf_counter()
+        t_ours, t_ref = t_ours + t1 - t0, t_ref + t2 - t1
+        truth = exact_svd(G.double(), R)
+        err["ours"].append(subspace_sine(truth.U, ours.U))
+        err["reference"].append(subspace_sine(truth.U, U[:, :R]))
+        sk = sketches[name]
+        err["sketch"].append(subspace_sine(truth.U, sk.U))
+        G_r = truth.U @ torch.diag(truth.S) @ truth.Vh
+        approx = sk.U.double() @ torch.diag(sk.S.double()) @ sk.Vh.double()
+        err["sketch_product"].append(float((approx - G_r).norm() / G_r.norm()))
+    med = {k: sorted(v)[len(v) // 2] for k, v in err.items()}
+    worst = {k: max(v) for k, v in err.items()}
+    return {"layers": len(names), "ours_s": t_ours, "reference_s": t_ref, "median": med, "max": worst}
+
+
+def allreduce_bytes(shapes, r: int) -> dict:
+    from lora_one.sketch import default_sizes
+
+    full = sum(m * n for m, n in shapes) * 4
+    sketch = sum(m * k + l * n for (m, n) in shapes for k, l in [default_sizes(r, m, n)]) * 4
+    return {"accumulate": full, "single-batch": full, "sketch": sketch, "reference": full}
+
+
+def svd_flops(shapes, r: int) -> dict:
+    """Leading-order FLOPs: matmuls with G dominate the randomised SVDs; Golub-Van Loan for exact."""
+    from lora_one.sketch import default_sizes
+    from lora_one.spectral import DEFAULT_NITER, MIN_OVERSAMPLE
+
+    q_ours = r + max(r, MIN_OVERSAMPLE)
+    ours = sum(2 * m * n * min(q_ours, m, n) * (2 + 2 * DEFAULT_NITER) for m, n in shapes)
+    ref = sum(2 * m * n * min(512, m, n) * (2 + 2 * 16) for m, n in shapes)
+    exact = sum(4 * m * n * min(m, n) + 8 * min(m, n) ** 3 for m, n in shapes)
+    sketch = sum(4 * (m + l) * k * k + 4 * k * k * n for (m, n) in shapes for k, l in [default_sizes(r, m, n)])
+    return {"ours (randomized)": ours, "reference (q=512, niter=16)": ref, "exact": exact, "sketch reconstruction": sketch}
+
+
+def smollm2_shapes():
+    return [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
+
+
+def llama7b_shapes():
+    return [(4096, 4096)] * 4 * 32 + [(11008, 4096), (11008, 4096), (4096, 11008)] * 32
+
+
+def fmt_bytes(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child")
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.n)))
+        return
+
+    ns = (8,) if args.quick else (8, 64)
+    print(f"SmolLM2-135M, max length {MAX_LEN}, all linear layers, rank {R}, torch threads {torch.get_num_threads()}")
+    for n in ns:
+        lora = run_child("lora-train", n)
+        one_step = run_child("lora-train", 1)
+        print(f"\nN = {n}: LoRA training {lora['seconds']:.2f} s for {n} steps of 1 sample; "
+              f"peak +{one_step['peak_mb_over_model']:.0f} MB for one step")
+        print(f"{'mode':<14}{'grad s':>9}{'svd s':>9}{'grad/LoRA':>11}{'svd/LoRA':>10}{'init/LoRA':>11}{'peak MB':>9}{'peak/LoRA step':>16}")
+        for job in ("accumulate", "sketch", "single-batch", "reference"):
+            if job == "single-batch" and n > 8:
+                continue  # 64 samples in one micro-batch is not the use case of this mode
+            res = run_child(job, n)
+            g, s = res["gradient_seconds"], res["svd_seconds"]
+            print(f"{job:<14}{g:>9.2f}{s:>9.2f}{g / lora['seconds']:>11.2f}{s / lora['seconds']:>10.3f}"
+                  f"{(g + s) / lora['seconds']:>11.2f}{res['peak_mb_over_model']:>9.0f}"
+                  f"{res['peak_mb_over_model'] / max(one_step['peak_mb_over_model'], 1):>16.2f}")
+        if n == ns[-1]:
+            acc = svd_accuracy(n, layer_stride=10 if args.quick else 3)
+            print(f"\nSVD on {acc['layers']} real gradient layers (N = {n}): ours {acc['ours_s']:.2f} s, "
+                  f"reference {acc['reference_s']:.2f} s, speed-up {acc['reference_s'] / acc['ours_s']:.0f}x")
+            for k in acc["median"]:
+                label = "relative error of G_r" if k == "sketch_product" else "top-r subspace sine"
+                print(f"  {k:<16} {label}: median {acc['median'][k]:.2e}, max {acc['max'][k]:.2e}")
+
+    for title, shapes in (("SmolLM2-135M", smollm2_shapes()), ("LLaMA-2-7B (on paper)", llama7b_shapes())):
+        b = allreduce_bytes(shapes, R)
+        f = svd_flops(shapes, R)
+        print(f"\n{title}: {len(shapes)} target layers, rank {R}")
+        for mode, v in b.items():
+            print(f"  {mode:<14} accumulator / all-reduce bytes {fmt_bytes(v):>11}  ({v / b['accumulate']:.1%} of full)")
+        for k, v in f.items():
+            print(f"  SVD FLOPs {k:<28} {v / 1e12:10.3f} TFLOP")
+
+
+if __name__ == "__main__":
+    main()

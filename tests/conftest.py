@@ -89,36 +89,35 @@ def minilm_dir():
     return resolve_model_path("minilm-l6")
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smollm2_dir):
-    """A 2-layer random Llama saved as an HF folder with SmolLM2's real tokenizer."""
+def save_tiny(path, model, tokenizer_dir):
+    """Save a random model beside a real packaged tokenizer, as `--model FOLDER` expects."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer random Llama with SmolLM2's real tokenizer (vocabulary 49,152)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        architectures=["LlamaForCausalLM"], eos_token_id=tok.eos_token_id,
+        architectures=["LlamaForCausalLM"], eos_token_id=2,
     )
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny_llama"), LlamaForCausalLM(cfg), smollm2_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, minilm_dir):
-    """A 2-layer random BERT encoder saved as an HF folder with MiniLM's real tokenizer."""
-    from transformers import AutoTokenizer, BertModel
+    """A 2-layer random BERT encoder with MiniLM's real tokenizer (vocabulary 30,522)."""
+    from transformers import BertModel
 
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=128, architectures=["BertModel"],
     )
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny_bert"), BertModel(cfg), minilm_dir)

@@ -11,10 +11,16 @@ import torch
 from peft import LoraConfig
 
 from lora_one.data import Fields, causal_lm_features, classification_features, init_batches, label_mapping, read_records
+from lora_one.gradients import MODES
+from lora_one.demo import add_demo_parser
+from lora_one.evaluate import add_eval_parser
+from lora_one.finetune import add_finetune_parser
 from lora_one.init import get_lora_one_model
+from lora_one.merge import add_merge_parser
 from lora_one.models import CAUSAL_LM, TASKS, infer_task, load_model, resolve_model_path
 from lora_one.save import save_adapter
 from lora_one.spectral import VARIANTS
+from lora_one.toys import add_toy_parser
 
 
 class UsageError(Exception):
@@ -42,6 +48,9 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-batch-size", type=int, default=1)
     p.add_argument("--target", default="all-linear", help="'all-linear' or comma-separated module names")
     p.add_argument("--svd", choices=("randomized", "exact"), default="randomized")
+    p.add_argument("--grad-mode", choices=MODES, default="accumulate",
+                   help="memory mode of the gradient phase (sketch: no full gradient is ever formed)")
+    p.add_argument("--offload", action="store_true", help="keep accumulate mode's fp32 accumulators on CPU")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -101,7 +110,7 @@ def cmd_init(args) -> None:
     batches = init_batches(feats, args.init_samples, args.init_batch_size, args.seed, tokenizer.pad_token_id)
     peft_model = get_lora_one_model(
         model, lora_config_of(args, task), batches, variant=args.variant, gamma=args.gamma,
-        svd=args.svd, seed=args.seed,
+        svd=args.svd, seed=args.seed, grad_mode=args.grad_mode, offload=args.offload,
     )
     meta = peft_model.lora_one_metadata
     print_layer_table(meta["layers"])
@@ -121,19 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_init)
+
+    add_finetune_parser(sub)
+    add_eval_parser(sub)
+    add_merge_parser(sub)
+    add_demo_parser(sub)
+    add_toy_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         if os.environ.get("LORA_ONE_DEBUG"):
             raise
         print(f"lora-one {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -74,18 +74,26 @@ def _check_fields(records: list, path: str, task: str, fields: Fields) -> list[d
     return records
 
 
+def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
+    """Token ids of a prompt, as training sees it (optionally inside the chat template)."""
+    if chat_template:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    return tokenizer(prompt, add_special_tokens=not chat_template)["input_ids"]
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    """Token ids of a response, as training sees it: no special tokens, then eos."""
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = Fields(), chat_template=False):
     """`input_ids` = prompt + response + eos; `labels` mask the prompt with -100."""
     feats = []
     for i, rec in enumerate(records):
-        prompt = str(rec[fields.prompt])
-        if chat_template:
-            prompt = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-        p_ids = tokenizer(prompt, add_special_tokens=not chat_template)["input_ids"]
-        r_ids = tokenizer(str(rec[fields.response]), add_special_tokens=False)["input_ids"]
-        r_ids = r_ids + [tokenizer.eos_token_id]
+        p_ids = prompt_ids(tokenizer, str(rec[fields.prompt]), chat_template)
+        r_ids = response_ids(tokenizer, str(rec[fields.response]))
         ids = (p_ids + r_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
         if all(t == IGNORE_INDEX for t in labels):
@@ -132,12 +140,16 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def init_sample_indices(n_records: int, n: int, seed: int) -> list[int]:
+    """Which training records the init uses: `n` of `n_records`, drawn without replacement with `seed`."""
+    if n > n_records:
+        raise ValueError(f"--init-samples {n} exceeds the {n_records} training records; lower it.")
+    return random.Random(seed).sample(range(n_records), n)
+
+
 def init_batches(features: list[dict], n: int, batch_size: int, seed: int, pad_id: int) -> list[dict]:
     """`n` examples drawn without replacement with `seed`, in micro-batches of `batch_size`."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"--init-samples and --init-batch-size must be >= 1 (got {n}, {batch_size}).")
-    if n > len(features):
-        raise ValueError(f"--init-samples {n} exceeds the {len(features)} training records; lower it.")
-    chosen = random.Random(seed).sample(range(len(features)), n)
-    picked = [features[i] for i in chosen]
+    picked = [features[i] for i in init_sample_indices(len(features), n, seed)]
     return [collate(picked[i : i + batch_size], pad_id) for i in range(0, n, batch_size)]

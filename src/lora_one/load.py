@@ -1,0 +1,48 @@
+"""Loading a base model with a saved adapter (for `eval` and `merge`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, load_model, resolve_model_path
+from lora_one.save import SIDECAR
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_adapter_info(adapter_dir: str | Path) -> dict:
+    """The `lora_one.json` sidecar of an adapter folder (`{}` for a plain PEFT adapter)."""
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not an adapter folder (no adapter_config.json).")
+    sidecar = folder / SIDECAR
+    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if "task" not in meta:
+        task_type = json.loads((folder / "adapter_config.json").read_text()).get("task_type")
+        if task_type in ("SEQ_CLS", "CAUSAL_LM"):
+            meta["task"] = CLASSIFICATION if task_type == "SEQ_CLS" else CAUSAL_LM
+    return meta
+
+
+def load_for_eval(model: str, adapter_dir: str | Path | None = None, task: str | None = None, device=None):
+    """`(model in eval mode, tokenizer, task, adapter info)`: the base model, with the adapter if given."""
+    meta = read_adapter_info(adapter_dir) if adapter_dir else {}
+    task = task or meta.get("task") or infer_task(resolve_model_path(model))
+    label2id = meta.get("label2id")
+    if task == CLASSIFICATION and not label2id:
+        raise ValueError(
+            "Evaluating a classifier needs the adapter that trained its head, with the label names in "
+            "its lora_one.json (give --adapter of a `lora-one finetune` run)."
+        )
+    base, tokenizer, task = load_model(model, task, num_labels=len(label2id) if label2id else None)
+    if label2id:
+        base.config.label2id, base.config.id2label = label2id, {i: k for k, i in label2id.items()}
+    net = PeftModel.from_pretrained(base, str(adapter_dir)) if adapter_dir else base
+    net.to(device or default_device()).eval()
+    return net, tokenizer, task, meta

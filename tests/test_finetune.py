@@ -1,0 +1,321 @@
+"""`lora-one finetune`, `eval`, `merge` end to end on tiny random models (CPU, seconds each).
+
+Numbers are checked against independent computations: the saved adapter reloaded with stock PEFT
+must reproduce the loss the run logged; resumed runs must end bit-identical to uninterrupted ones;
+accuracies are recomputed by plain forward passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama, write_jsonl  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from lora_one.cli import build_parser, main
+from lora_one.config import resolve
+from lora_one.data import collate, prompt_ids, response_ids
+from lora_one.finetune import run_finetune
+from lora_one.spectral import VARIANTS
+from lora_one.train import TrainingInterrupted
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "llama": str(tiny_llama(root / "llama")),
+        "bert": str(tiny_bert(root / "bert")),
+        "qa": str(write_jsonl(root / "qa.jsonl", question_records(48, seed=0))),
+        "qa_eval": str(write_jsonl(root / "qa_eval.jsonl", question_records(12, seed=1))),
+        "sent": str(write_jsonl(root / "sent.jsonl", sentiment_records(48, seed=0))),
+        "sent_eval": str(write_jsonl(root / "sent_eval.jsonl", sentiment_records(12, seed=1))),
+    }
+
+
+def qa_args(tiny, out, *extra):
+    return ["finetune", "--model", tiny["llama"], "--data", tiny["qa"], "--eval-data", tiny["qa_eval"],
+            "--out", str(out), "--rank", "4", "--init-samples", "4", "--batch-size", "4", "--quiet", *extra]
+
+
+def sent_args(tiny, out, *extra):
+    return ["finetune", "--model", tiny["bert"], "--data", tiny["sent"], "--eval-data", tiny["sent_eval"],
+            "--out", str(out), "--rank", "4", "--init-samples", "4", "--batch-size", "4", "--quiet",
+            "--probe-samples", "48", *extra]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_features(tiny, tokenizer):
+    recs = [json.loads(line) for line in open(tiny["qa_eval"])]
+    feats = []
+    for r in recs:
+        p, a = prompt_ids(tokenizer, r["prompt"]), response_ids(tokenizer, r["response"])
+        feats.append({"input_ids": p + a, "labels": [-100] * len(p) + a})
+    return recs, feats
+
+
+def plain_loss(model, feats, pad_id):
+    """Token-averaged cross-entropy of the responses by one ordinary forward pass."""
+    with torch.no_grad():
+        return model(**collate(feats, pad_id)).loss.item()
+
+
+@pytest.mark.parametrize("method,precondition", [(m, False) for m in VARIANTS] + [("lora-one", True)])
+def test_each_method_trains_and_saves_a_stock_adapter(tiny, tmp_path, method, precondition):
+    out = tmp_path / "run"
+    extra = ["--method", method, "--max-steps", "3", "--lr", "5e-3"] + (["--precondition"] if precondition else [])
+    assert main(qa_args(tiny, out, *extra)) == 0
+    metrics = read_metrics(out)
+    assert metrics[0]["step"] == 0 and "eval_loss" in metrics[0] and "eval_accuracy" in metrics[0]
+    train = [m for m in metrics if "train_loss" in m]
+    assert [m["step"] for m in train] == [1, 2, 3]
+    # The schedule starts at the full lr (no warm-up for 3 steps): the init never advanced it.
+    assert train[0]["lr"] == pytest.approx(5e-3) and train[-1]["lr"] == pytest.approx(5e-3 / 3)
+    sidecar = json.loads((out / "lora_one.json").read_text())
+    assert sidecar["variant"] == method and len(sidecar["init_sample_indices"]) == 4
+    assert json.loads((out / "args.json").read_text())["precondition"] is precondition
+    assert (out / "loss.png").stat().st_size > 0
+
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    _, feats = eval_features(tiny, tok)
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    base_loss = plain_loss(base, feats, tok.pad_token_id)
+    if method in ("lora", "lora-ga", "pissa", "lora-one-v1"):  # these inits leave the function unchanged
+        assert metrics[0]["eval_loss"] == pytest.approx(base_loss, rel=1e-5)
+    else:
+        assert metrics[0]["eval_loss"] != pytest.approx(base_loss, rel=1e-5)
+    # Stock PEFT on the untouched base reproduces the trained model's logged final loss.
+    loaded = PeftModel.from_pretrained(base, str(out)).eval()
+    assert plain_loss(loaded, feats, tok.pad_token_id) == pytest.approx(metrics[-1]["eval_loss"], rel=1e-5)
+
+
+def _weights(out):
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["causal", "classification"])
+def test_interrupt_and_resume_gives_the_uninterrupted_adapter(tiny, tmp_path, capsys, kind):
+    make = qa_args if kind == "causal" else sent_args
+    settings = ["--max-steps", "7", "--save-every", "5", "--eval-every", "2", "--grad-accum", "2", "--lr", "5e-3"]
+    if kind == "causal":
+        settings += ["--precondition", "--method", "lora-one-v1"]  # a base-changing variant
+    else:
+        settings += ["--head-init", "probe"]  # the resumed run refits the same head
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(make(tiny, full, *settings)) == 0
+
+    def ctrl_c_at_step_3(step, entry):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    args = resolve(build_parser().parse_args(make(tiny, cut, *settings)))
+    with pytest.raises(TrainingInterrupted) as info:
+        run_finetune(args, on_step=ctrl_c_at_step_3)
+    assert info.value.step == 3
+    assert (cut / "checkpoints" / "step-0000003.pt").is_file()
+    assert "--resume" in capsys.readouterr().err
+    assert not (cut / "adapter_model.safetensors").exists()
+
+    assert main(make(tiny, cut, *settings, "--resume")) == 0
+    a, b = _weights(full), _weights(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert read_metrics(full) == read_metrics(cut)
+
+
+def test_resume_refuses_other_settings_and_out_needs_overwrite(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(qa_args(tiny, out, "--max-steps", "2")) == 0
+    assert main(qa_args(tiny, out, "--max-steps", "2")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(qa_args(tiny, out, "--max-steps", "2", "--lr", "1e-3", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "lr 0.0002 there, 0.001 now" in err
+    assert main(qa_args(tiny, out, "--max-steps", "2", "--overwrite")) == 0
+    assert main(qa_args(tiny, tmp_path / "new", "--max-steps", "2", "--resume")) == 2
+    assert "no run" in capsys.readouterr().err
+
+
+def test_config_file_with_command_line_override(tiny, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny['llama']}\ndata: {tiny['qa']}\nlr: 3e-3\nmax-steps: 5\nrank: 2\n"
+                   f"target: [q_proj, v_proj]\nquiet: true\n")
+    out = tmp_path / "run"
+    assert main(["finetune", "--config", str(cfg), "--max-steps", "2", "--out", str(out), "--init-samples", "2"]) == 0
+    used = json.loads((out / "args.json").read_text())
+    assert (used["lr"], used["max_steps"], used["rank"], used["target"]) == (3e-3, 2, 2, "q_proj,v_proj")
+    assert used["eval_data"] is None
+    # args.json loads back as a config: resuming the finished run changes nothing.
+    before = _weights(out)
+    assert main(["finetune", "--config", str(out / "args.json"), "--resume"]) == 0
+    after = _weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1e-3\n")
+    assert main(["finetune", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_classification_trains_the_probed_head(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(sent_args(tiny, out, "--max-steps", "3", "--lr", "5e-3", "--head-init", "probe")) == 0
+    metrics = read_metrics(out)
+    sidecar = json.loads((out / "lora_one.json").read_text())
+    assert sidecar["head_init"] == "probe" and sidecar["label2id"] == {"negative": 0, "positive": 1}
+    # Recompute the logged final accuracy with stock PEFT and a plain loop.
+    tok = AutoTokenizer.from_pretrained(tiny["bert"])
+    base = AutoModelForSequenceClassification.from_pretrained(tiny["bert"], num_labels=2)
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    recs = [json.loads(line) for line in open(tiny["sent_eval"])]
+    hits = 0
+    with torch.no_grad():
+        for r in recs:
+            logits = model(**tok(r["text"], return_tensors="pt")).logits[0]
+            hits += int(logits.argmax()) == sidecar["label2id"][r["label"]]
+    assert metrics[-1]["eval_accuracy"] == pytest.approx(hits / len(recs))
+
+
+def test_eval_matches_hand_computed_accuracy(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(qa_args(tiny, out, "--max-steps", "4", "--lr", "1e-2")) == 0
+    res_path = tmp_path / "eval.json"
+    assert main(["eval", "--model", tiny["llama"], "--adapter", str(out), "--data", tiny["qa_eval"],
+                 "--batch-size", "5", "--out", str(res_path)]) == 0
+    res = json.loads(res_path.read_text())
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["llama"]), str(out)).eval()
+    recs, feats = eval_features(tiny, tok)
+    choices = [" human", " location", " number"]
+    hits = 0
+    with torch.no_grad():
+        for r in recs:
+            p = prompt_ids(tok, r["prompt"])
+            scores = []
+            for c in choices:
+                cand = response_ids(tok, c)
+                logp = model(input_ids=torch.tensor([p + cand])).logits[0].log_softmax(-1)
+                scores.append(sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(cand)))
+            hits += choices[max(range(3), key=scores.__getitem__)] == r["response"]
+    assert res["metric"] == "accuracy" and res["n"] == len(recs)
+    assert res["accuracy"] == pytest.approx(hits / len(recs))
+    assert res["loss"] == pytest.approx(plain_loss(model, feats, tok.pad_token_id), rel=1e-5)
+    # Open-ended (4 distinct responses in 4 records): exact match of greedy generations, checked by a
+    # hand-written greedy loop.
+    answers = [" the city", " the river", " a king", " of year"]
+    open_recs = [{"prompt": r["prompt"], "response": a} for r, a in zip(recs, answers)]
+    open_path = write_jsonl(tmp_path / "open.jsonl", open_recs)
+    assert main(["eval", "--model", tiny["llama"], "--data", str(open_path), "--out", str(res_path)]) == 0
+    res = json.loads(res_path.read_text())
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama"]).eval()
+    hits = 0
+    with torch.no_grad():
+        for r in open_recs:
+            ids = prompt_ids(tok, r["prompt"])
+            new = []
+            for _ in range(3):  # the longest response + eos is 3 tokens
+                t = int(base(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+                if t == tok.eos_token_id:
+                    break
+                new.append(t)
+            hits += tok.decode(new).strip() == r["response"].strip()
+    assert res["metric"] == "exact_match" and res["exact_match"] == pytest.approx(hits / 4)
+
+
+@pytest.mark.parametrize("kind", ["causal", "classification"])
+def test_merge_equals_base_plus_adapter(tiny, tmp_path, kind):
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    if kind == "causal":  # pissa: the adapter is PEFT's converted rank-2r one
+        assert main(qa_args(tiny, out, "--max-steps", "2", "--method", "pissa", "--lr", "1e-2")) == 0
+        model_dir, auto = tiny["llama"], AutoModelForCausalLM
+        kwargs = {}
+    else:
+        assert main(sent_args(tiny, out, "--max-steps", "2", "--lr", "1e-2")) == 0
+        model_dir, auto = tiny["bert"], AutoModelForSequenceClassification
+        kwargs = {"num_labels": 2}
+    assert main(["merge", "--model", model_dir, "--adapter", str(out), "--out", str(merged)]) == 0
+    x = torch.tensor([[5, 9, 12, 7, 30, 4]])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(auto.from_pretrained(model_dir, **kwargs), str(out)).eval()(input_ids=x).logits
+        plain = auto.from_pretrained(model_dir, **kwargs).eval()(input_ids=x).logits
+        got = auto.from_pretrained(merged).eval()(input_ids=x).logits
+    assert not torch.allclose(want, plain, atol=1e-4)  # the adapter does something
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_is_one_clean_line(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    nofield = write_jsonl(tmp_path / "nofield.jsonl", [{"question": "x", "answer": "y"}])
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": "good movie", "label": "neutral"}])
+    unseen_qa = write_jsonl(tmp_path / "unseen_qa.jsonl", [{"prompt": "question : who ? type :", "response": " city"}])
+    cases = [
+        (["--model", str(tmp_path / "nope")], "neither an alias"),
+        (["--model", "gpt-17"], "neither an alias"),
+        (["--data", str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--data", str(empty)], "holds no records"),
+        (["--data", str(nofield)], "lacks field"),
+        (["--lr", "0"], "learning rate"),
+        (["--lr=-1e-3"], "learning rate"),
+        (["--max-steps=-5"], "max-steps"),
+        (["--max-steps", "3", "--warmup-steps", "3"], "warm-up"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--rank", "0"], "--rank"),
+        (["--eval-data", str(unseen_qa)], "must occur in training"),
+    ]
+    for extra, message in cases:
+        args = qa_args(tiny, tmp_path / "out", *extra)
+        assert main(args) == 2, extra
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, (extra, err)
+    assert main(sent_args(tiny, tmp_path / "out2", "--eval-data", str(unseen))) == 2
+    assert "never occurs in the training data" in capsys.readouterr().err
+    # eval and merge
+    assert main(["eval", "--model", tiny["llama"], "--adapter", str(tmp_path / "none"), "--data", tiny["qa"]]) == 2
+    assert "not an adapter folder" in capsys.readouterr().err
+    assert main(["eval", "--model", tiny["bert"], "--data", tiny["sent"]]) == 2
+    assert "needs the adapter that trained its head" in capsys.readouterr().err
+    assert main(["merge", "--model", tiny["llama"], "--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "m")]) == 2
+    assert not (tmp_path / "m").exists()
+
+
+def test_demo_pipeline_on_tiny_models(tiny, tmp_path, monkeypatch):
+    from lora_one import demo
+
+    monkeypatch.setitem(demo.DEMOS, "tiny", demo.Demo(
+        model=tiny["llama"], data=tiny["qa"], test=tiny["qa_eval"], what="tiny",
+        common=dict(max_steps=4, eval_every=2, batch_size=4, rank=4, init_samples=4),
+        methods=dict(demo.DEMOS["trec"].methods),
+    ))
+    result = demo.run_demo("tiny", tmp_path / "demo", quiet=True)
+    runs = result["runs"]
+    assert list(runs) == ["lora", "lora-one", "lora-one+precond"]
+    for name in runs:
+        assert (tmp_path / "demo" / name / "adapter_model.safetensors").is_file()
+        assert [m["step"] for m in runs[name]["metrics"] if "eval_loss" in m] == [0, 2, 4]
+    # Same init -> the same step-0 numbers; different training -> different end points.
+    assert runs["lora-one"]["step0_eval"] == runs["lora-one+precond"]["step0_eval"]
+    assert runs["lora-one"]["final_eval"] != runs["lora-one+precond"]["final_eval"]
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| lora-one+precond |" in report and (tmp_path / "demo" / "comparison.png").stat().st_size > 0
+
+
+def test_bf16_autocast_run(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(qa_args(tiny, out, "--max-steps", "2", "--bf16", "--lr", "5e-3")) == 0
+    metrics = read_metrics(out)
+    assert all(v == v and abs(v) < 1e3 for m in metrics for k, v in m.items() if k.endswith("loss"))
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    _, feats = eval_features(tiny, tok)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["llama"]), str(out)).eval()
+    # The run evaluated under bf16 autocast; the fp32 reload agrees to bf16 precision.
+    assert plain_loss(loaded, feats, tok.pad_token_id) == pytest.approx(metrics[-1]["eval_loss"], rel=2e-2)

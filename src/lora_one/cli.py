@@ -79,7 +79,7 @@ def lora_config_of(args, task: str) -> LoraConfig:
 
 
 def load_task_data(args, path: str):
-    """`(model, tokenizer, task, features, label2id)` for the training data at `path`."""
+    """`(model, tokenizer, task, records, features, label2id)` for the training data at `path`."""
     model_path = resolve_model_path(args.model)
     task = args.task or infer_task(model_path)
     fields = fields_of(args)
@@ -91,7 +91,7 @@ def load_task_data(args, path: str):
     else:
         model.config.label2id, model.config.id2label = label2id, {i: k for k, i in label2id.items()}
         feats = classification_features(records, tokenizer, args.max_length, label2id, fields)
-    return model, tokenizer, task, feats, label2id
+    return model, tokenizer, task, records, feats, label2id
 
 
 def print_layer_table(stats: list[dict]) -> None:
@@ -106,7 +106,7 @@ def cmd_init(args) -> None:
     out = Path(args.out)
     check_out_dir(out, args.overwrite)
     torch.manual_seed(args.seed)
-    model, tokenizer, task, feats, _ = load_task_data(args, args.data)
+    model, tokenizer, task, _, feats, _ = load_task_data(args, args.data)
     batches = init_batches(feats, args.init_samples, args.init_batch_size, args.seed, tokenizer.pad_token_id)
     peft_model = get_lora_one_model(
         model, lora_config_of(args, task), batches, variant=args.variant, gamma=args.gamma,

@@ -218,8 +218,7 @@ def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
     quiet = args.quiet
     fields = fields_of(args)
     torch.manual_seed(args.seed)
-    model, tokenizer, task, feats, label2id = load_task_data(args, args.data)
-    records = read_records(args.data, task, fields)
+    model, tokenizer, task, records, feats, label2id = load_task_data(args, args.data)
     eval_records = None
     if args.eval_split is not None:
         train_idx, eval_idx = _split(len(records), args.eval_split, args.seed)

@@ -19,7 +19,6 @@ The model is left exactly as it was found: weights, `requires_grad` flags, train
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 
@@ -99,12 +98,9 @@ def _check(name: str, finite: bool, nonzero: bool) -> None:
         )
 
 
-def _layer_seed(seed: int, name: str) -> int:
-    return seed * 1_000_003 + zlib.crc32(name.encode())  # distinct per layer, same on every rank
-
-
 class _Accumulate:
     weights_need_grad = True
+    max_batches = None
 
     def __init__(self, targets, offload: bool, **_):
         self.sums = {
@@ -131,6 +127,7 @@ class _Accumulate:
 
 class _SingleBatch:
     weights_need_grad = True
+    max_batches = 1
 
     def __init__(self, targets, rank: int, seed: int, **_):
         self.rank, self.seed, self.svds = rank, seed, {}
@@ -142,21 +139,17 @@ class _SingleBatch:
             g = _all_reduce_sum(param.grad.float()).div_(self.world)
             param.grad = None
             _check(name, bool(torch.isfinite(g).all()), bool(g.any()))
-            self.svds[name] = randomized_svd(g, self.rank, seed=_layer_seed(self.seed, name))
+            self.svds[name] = randomized_svd(g, self.rank, seed=self.seed)  # as init_lora_one seeds it
 
         return hook
 
     def finish(self, n_batches: int) -> dict[str, TopSVD]:
-        if n_batches != 1:
-            raise ValueError(
-                f"mode='single-batch' needs all init samples in one micro-batch per rank, got "
-                f"{n_batches} batches; raise the batch size or use mode='accumulate' or 'sketch'."
-            )
-        return self.svds
+        return self.svds  # each hook already averaged its layer over the ranks
 
 
 class _Sketch:
     weights_need_grad = False
+    max_batches = None
 
     def __init__(self, targets, rank: int, seed: int, oversample: int | None, model: nn.Module, **_):
         self.rank, self.sketches, self.handles = rank, {}, []
@@ -264,8 +257,11 @@ def estimate_gradients(
                         "A batch has no 'labels': the one-step gradient needs the training loss. "
                         "Add labels (for a causal LM, input_ids with the prompt and padding set to -100)."
                     )
-                if mode == "single-batch" and n_batches == 1:
-                    collector.finish(2)  # raises: more than one batch
+                if n_batches == collector.max_batches:
+                    raise ValueError(
+                        f"mode={mode!r} needs all init samples in one micro-batch per rank, got more "
+                        "batches; raise the batch size or use mode='accumulate' or 'sketch'."
+                    )
                 loss = model(**_to_device(batch, device)).loss
                 if loss is None:
                     raise ValueError("The model returned no .loss for a batch that has labels.")
@@ -279,4 +275,4 @@ def estimate_gradients(
         total = int(_all_reduce_sum(torch.tensor([n_batches], dtype=torch.float64, device=device)).item())
         if total == 0:
             raise ValueError("No batches were given: the one-step gradient needs at least one training batch.")
-        return collector.finish(total if mode != "single-batch" else n_batches)
+        return collector.finish(total)

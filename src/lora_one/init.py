@@ -22,6 +22,7 @@ from lora_one.spectral import (
     BASE_CHANGING_VARIANTS,
     GRADIENT_VARIANTS,
     VARIANTS,
+    TopSVD,
     check_rank,
     lora_factors_and_spectrum,
 )
@@ -61,7 +62,7 @@ def _initial_state(peft_model: PeftModel, adapter: str) -> dict[str, torch.Tenso
 @torch.no_grad()
 def init_lora_one(
     peft_model: PeftModel,
-    gradients: Mapping[str, torch.Tensor] | None,
+    gradients: Mapping[str, torch.Tensor | TopSVD] | None,
     variant: str = "lora-one",
     gamma: float = 128.0,
     svd: str = "randomized",
@@ -70,8 +71,8 @@ def init_lora_one(
 ) -> list[dict]:
     """Overwrite `lora_A`/`lora_B` of every LoRA layer with `variant`'s step-0 factors.
 
-    `gradients` maps layer names (as `estimate_gradients` returns them) to `G = dL/dW`; `pissa` and
-    `lora` need none. Variants in `BASE_CHANGING_VARIANTS` also rewrite the base weight so that the
+    `gradients` maps layer names (as `estimate_gradients` returns them) to `G = dL/dW` or its top-r
+    SVD (`single-batch` and `sketch` modes; `lora-ga` needs the full `G`); `pissa` and `lora` need none. Variants in `BASE_CHANGING_VARIANTS` also rewrite the base weight so that the
     model's function is unchanged at step 0. Returns per-layer statistics: `sigma_1` of `-G` (for the
     gradient variants) and the relative update `||s B A||_F / ||W||_F`.
     """

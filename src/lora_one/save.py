@@ -36,8 +36,8 @@ def save_adapter(peft_model: PeftModel, out_dir: str | os.PathLike, extra: dict 
     For variants that rewrote the base weight (`lora-one-v1`, `lora-ga`, `pissa`) this is PEFT's
     converted rank-2r adapter (`path_initial_model_for_weight_conversion`), so the saved folder always
     loads with `PeftModel.from_pretrained(original_base, out_dir)`. Only rank 0 of a distributed job
-    writes. The folder is written to a temporary
-    sibling and renamed into place, so an interrupted save never leaves a folder that looks complete.
+    writes. The folder is written to a temporary sibling and renamed into place, so an interrupted save
+    never leaves a folder that looks complete.
     """
     out = Path(out_dir)
     if not is_main_process():  # under torch.distributed every rank holds the same adapter

@@ -57,7 +57,7 @@ def test_lora_one_v1_factors():
 @pytest.mark.parametrize("decay", [0.5, 0.8, 0.9])
 @pytest.mark.parametrize("r", [4, 8, 16])
 def test_randomized_svd_subspace_error_bound(decay, r):
-    """Default q = r + max(r, 16) and 3 power iterations: the top-r subspace error (vs a float64 SVD) is at most
+    """Default q = r + max(r, 16) and 4 power iterations: the top-r subspace error (vs a float64 SVD) is at most
     1e-4, or at most twice that of an exact fp32 SVD where fp32 itself cannot resolve the gap
     (sigma_r / sigma_1 below ~1e-4)."""
     M = decaying_matrix(300, 200, decay)

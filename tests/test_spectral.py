@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lora_one.spectral import exact_svd, lora_factors, randomized_svd, subspace_sine
+from lora_one.spectral import TopSVD, exact_svd, lora_factors, randomized_svd, subspace_sine
 
 
 def decaying_matrix(m=96, n=64, decay=0.7, seed=0):
@@ -102,3 +102,20 @@ def test_bad_arguments(kwargs, message):
 def test_zero_gradient_is_refused():
     with pytest.raises(ValueError, match="gradient is zero"):
         lora_factors(torch.zeros(8, 6), 2)
+
+
+def test_factors_do_not_depend_on_the_svd_sign_choice():
+    """Flipping singular pairs (as a rounding change may) gives the same factors, with a positive
+    largest entry in every column of -B (B = -U sqrt(S) ...)."""
+    torch.manual_seed(0)
+    G = torch.randn(20, 12, dtype=torch.float64)
+    t = exact_svd(G, 4)
+    flips = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    flipped = TopSVD(t.U * flips, t.S, flips[:, None] * t.Vh)
+    for variant in ("lora-one", "spectral", "lora-one-v1"):
+        B1, A1 = lora_factors(t, 4, variant)
+        B2, A2 = lora_factors(flipped, 4, variant)
+        torch.testing.assert_close((B1, A1), (B2, A2))
+    B, _ = lora_factors(t, 4)
+    columns = -B
+    assert (columns.gather(0, columns.abs().argmax(0, keepdim=True)) > 0).all()

@@ -86,6 +86,19 @@ def top_svd(M: torch.Tensor, r: int, method: str = "randomized", seed: int = 0) 
     raise ValueError(f"Unknown svd method {method!r}; use 'randomized' or 'exact'.")
 
 
+def canonical_signs(t: TopSVD) -> TopSVD:
+    """Flip each singular pair `(u_i, v_i)` so that the largest-magnitude entry of `u_i` is positive.
+
+    An SVD fixes each pair only up to a joint sign, and which sign comes out can flip under a rounding
+    change (another number of processes, another device). The product is the same either way, but the
+    factors, and so the trained adapter, would not be: this makes them a function of the matrix alone.
+    """
+    idx = t.U.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(t.U.gather(0, idx)).squeeze(0)
+    signs[signs == 0] = 1
+    return TopSVD(t.U * signs, t.S, signs[:, None] * t.Vh)
+
+
 def subspace_sine(U1: torch.Tensor, U2: torch.Tensor) -> float:
     """Sine of the largest principal angle between the column spaces of U1 and U2 (orthonormal)."""
     U1, U2 = U1.double(), U2.double()
@@ -113,7 +126,7 @@ def lora_factors_and_spectrum(
       subtracts `s B A` from the base weight.
 
     Both factors of the first two are balanced (`B^T B == A A^T`), which the preconditioner likes.
-    Works in fp32 whatever the dtype of `G`; the caller casts to the adapter's dtype.
+    Each singular pair's sign follows `canonical_signs`. Works in fp32 whatever the dtype of `G`; the caller casts to the adapter's dtype.
     """
     if variant not in GRADIENT_VARIANTS:
         raise ValueError(f"lora_factors computes {GRADIENT_VARIANTS}, not {variant!r}.")
@@ -125,6 +138,7 @@ def lora_factors_and_spectrum(
         t = TopSVD(G.U[:, :r].float(), G.S[:r].float(), G.Vh[:r].float())
     else:
         t = top_svd(G.float(), r, svd, seed)
+    t = canonical_signs(t)
     if not t.S[0] > 0:
         raise ValueError("the gradient is zero: this layer does not affect the loss.")
     if variant == "lora-one-v1":

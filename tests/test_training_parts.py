@@ -11,10 +11,10 @@ from tiny_models import TYPES, one_thread, question_records, tiny_bert, tiny_lla
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_one.config import ConfigError, config_aware, resolve
-from lora_one.data import prompt_ids, response_ids
+from lora_one.data import collate, loss_terms, prompt_ids, response_ids
 from lora_one.evaluate import infer_choices, match_choices, score_candidates
 from lora_one.probe import fit_logistic, probe_head
-from lora_one.train import BatchOrder, TrainSettings, build_optimizer
+from lora_one.train import BatchOrder, TrainSettings, build_optimizer, rank_share
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +80,44 @@ def test_config_precedence_and_checks(tmp_path):
 
 
 def test_batch_order_is_seeded_epochs_of_permutations():
-    feats = [{"input_ids": [i + 1], "labels": [i + 1]} for i in range(10)]
-    order = BatchOrder(feats, batch_size=4, seed=7, pad_id=0)
-    epoch = [int(t) for m in range(3) for t in order[m]["input_ids"][:, 0]]
-    assert sorted(epoch) == list(range(1, 11)) and order.per_epoch == 3
-    again = BatchOrder(feats, batch_size=4, seed=7, pad_id=0)
-    assert all(torch.equal(order[m]["input_ids"], again[m]["input_ids"]) for m in (5, 1, 4))  # random access
-    other = BatchOrder(feats, batch_size=4, seed=8, pad_id=0)
-    assert any(not torch.equal(order[m]["input_ids"], other[m]["input_ids"]) for m in range(3))
+    order = BatchOrder(10, batch_size=4, seed=7)
+    epoch = [i for m in range(3) for i in order[m]]
+    assert sorted(epoch) == list(range(10)) and order.per_epoch == 3 and len(order[2]) == 2
+    again = BatchOrder(10, batch_size=4, seed=7)
+    assert all(order[m] == again[m] for m in (5, 1, 4))  # random access
+    other = BatchOrder(10, batch_size=4, seed=8)
+    assert any(order[m] != other[m] for m in range(3))
+
+
+def test_loss_terms_count_what_the_model_loss_averages(llama):
+    model, _ = llama
+    feats = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+             {"input_ids": [9, 10, 11], "labels": [9, -100, 11]}]  # the first label is never predicted
+    assert [loss_terms(f) for f in feats] == [2, 1] and loss_terms({"input_ids": [1], "labels": 2}) == 1
+    with torch.no_grad():
+        mean = model(**collate(feats, pad_id=0)).loss
+        sums = [model(**collate([f], pad_id=0)).loss * loss_terms(f) for f in feats]
+    torch.testing.assert_close(mean, sum(sums) / 3)
+
+
+def test_rank_shares_add_up_to_the_micro_batch_loss(llama):
+    """Rebuild a micro-batch's mean loss from each rank's weighted part, as DDP averages it."""
+    model, _ = llama
+    g = torch.Generator().manual_seed(0)
+    feats = [{"input_ids": ids, "labels": [-100] * n + ids[n:]}
+             for ids, n in ((torch.randint(1, 30, (L,), generator=g).tolist(), L // 2) for L in (5, 9, 7, 12, 6))]
+    idx = [3, 0, 4, 1, 2]
+    with torch.no_grad():
+        whole = model(**collate([feats[i] for i in idx], pad_id=0)).loss
+        for world in (1, 2, 3, 7):
+            parts = []
+            for rank in range(world):
+                mine, weight = rank_share(feats, idx, rank, world)
+                parts.append(model(**collate(mine, pad_id=0)).loss * weight)
+                assert weight > 0 or rank >= len(idx)  # only a rank without examples idles
+            torch.testing.assert_close(sum(parts) / world, whole)
+    with pytest.raises(ValueError, match="no tokens to predict"):
+        rank_share([{"input_ids": [1, 2], "labels": [1, -100]}], [0], 0, 2)
 
 
 def test_lora_plus_and_preconditioned_optimizer(llama):

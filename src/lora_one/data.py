@@ -122,6 +122,13 @@ def classification_features(records, tokenizer, max_length: int, label2id: dict,
     return feats
 
 
+def loss_terms(feature: dict) -> int:
+    """How many terms the model's mean loss averages over for this example: its predicted tokens (a
+    causal LM predicts token t + 1 from token t, so the first label never counts), or one class label."""
+    labels = feature["labels"]
+    return sum(t != IGNORE_INDEX for t in labels[1:]) if isinstance(labels, list) else 1
+
+
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad `input_ids` with `pad_id` and token `labels` with -100; mask the padding."""
     width = max(len(f["input_ids"]) for f in features)

@@ -2,6 +2,10 @@
 
 Output folder: the stock PEFT adapter with its `lora_one.json` sidecar, `args.json` (every setting
 used; it loads back with `--config`), `metrics.jsonl`, `loss.png` and `checkpoints/`.
+
+Under `torchrun` or `accelerate launch` every process runs this same function: the init samples are
+split across the ranks (`lora_one.gradients` sums their gradients), training splits every micro-batch
+(`lora_one.train`), and rank 0 alone evaluates and writes the output folder.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lora_one import embedded_data
+from lora_one import embedded_data, parallel
 from lora_one.config import config_aware, resolve, settings_of
 from lora_one.data import init_batches, init_sample_indices, read_records
 from lora_one.evaluate import infer_choices, make_evaluator
@@ -208,12 +212,18 @@ def _save_into(peft_model, out: Path, extra: dict) -> None:
 
 def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
     """The whole `finetune` command on a resolved namespace; returns a summary of the run."""
-    from lora_one.cli import fields_of, load_task_data, lora_config_of  # noqa: PLC0415
-
     _check_settings(args)
     _complete_defaults(args)
+    _check_out_dir(Path(args.out), args)  # on every rank, before rank 0 can write (it waits for all to join)
+    with parallel.process_group(args.device) as device:
+        return _run(args, device, on_step, step0_eval)
+
+
+def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
+    from lora_one.cli import fields_of, load_task_data, lora_config_of  # noqa: PLC0415
+
     out = Path(args.out)
-    _check_out_dir(out, args)
+    main = parallel.is_main_process()
     task = args.task
     quiet = args.quiet
     fields = fields_of(args)
@@ -234,9 +244,9 @@ def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
     if eval_records is not None:
         evaluator = make_evaluator(task, eval_records, tokenizer, fields, args.max_length, args.chat_template,
                                    choices, label2id, args.eval_batch_size)
-    model.to(torch.device(args.device))
+    model.to(device)
     pad_id = tokenizer.pad_token_id
-    if not args.resume:  # only now that model and data are known to load
+    if not args.resume and main:  # only now that model and data are known to load
         _start_out_dir(out, args)
 
     t0 = time.perf_counter()
@@ -245,14 +255,16 @@ def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
         probe_info = probe_head(model, feats, pad_id, args.probe_samples, args.seed, args.probe_l2)
     probe_seconds = time.perf_counter() - t0
     batches = init_batches(feats, args.init_samples, args.init_batch_size, args.seed, pad_id)
+    batches = batches[parallel.rank() :: parallel.world_size()]  # this rank's shard of the init samples
     peft_model = get_lora_one_model(
         model, lora_config_of(args, task), batches, variant=args.method, gamma=args.gamma, svd=args.svd,
         seed=args.seed, progress=not quiet, grad_mode=args.grad_mode, offload=args.offload,
     )
     init_seconds = time.perf_counter() - t0
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    print(f"{args.method}{' + preconditioner' if args.precondition else ''}: init {init_seconds:.1f} s "
-          f"(probe {probe_seconds:.1f} s), {trainable:,} trainable parameters", flush=True)
+    if main:
+        print(f"{args.method}{' + preconditioner' if args.precondition else ''}: init {init_seconds:.1f} s "
+              f"(probe {probe_seconds:.1f} s), {trainable:,} trainable parameters", flush=True)
 
     settings = train_settings_of(args)
     extra = {"init_sha256": state_sha256(trainable_state(peft_model))}
@@ -261,10 +273,13 @@ def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
         result = train(peft_model, feats, pad_id, settings, out, evaluator, resume=args.resume,
                        step0_eval=step0_eval, checkpoint_extra=extra, on_step=on_step)
     except TrainingInterrupted as e:
-        print(f"Interrupted after step {e.step}; checkpoint {e.checkpoint} is complete. Resume with:\n"
-              f"  {resume_hint}", file=sys.stderr, flush=True)
+        if main:
+            print(f"Interrupted after step {e.step}; checkpoint {e.checkpoint} is complete. Resume with:\n"
+                  f"  {resume_hint}", file=sys.stderr, flush=True)
         raise
     except KeyboardInterrupt:
+        if not main:
+            raise
         last = latest_checkpoint(out)
         hint = (f"The last checkpoint {last} is complete; resume with:\n  {resume_hint}" if last
                 else "There is no checkpoint yet; start again with --overwrite.")
@@ -276,6 +291,7 @@ def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
         "method": args.method,
         "precondition": args.precondition,
         "out": str(out),
+        "rank": parallel.rank(),
         "steps": result.steps,
         "init_seconds": round(init_seconds, 3),
         "probe_seconds": round(probe_seconds, 3),
@@ -283,6 +299,7 @@ def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
         "eval_seconds": round(result.eval_seconds, 3),
         "steps_per_second": round(result.steps_per_second, 4),
         "trainable_parameters": trainable,
+        "processes": parallel.world_size(),
         "step0_eval": evals[0] if evals and evals[0]["step"] == 0 else None,
         "final_eval": evals[-1] if evals else None,
         "metrics": result.metrics,
@@ -293,10 +310,12 @@ def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
         "fields": vars(fields), "choices": choices, "label2id": label2id, "head_init": args.head_init,
         **probe_info,
         "init_sample_indices": init_sample_indices(len(feats), args.init_samples, args.seed),
-        "training": {k: v for k, v in summary.items() if k not in ("metrics", "out")},
+        "training": {k: v for k, v in summary.items() if k not in ("metrics", "out", "rank")},
     }
-    _save_into(peft_model, out, meta)
-    plot_loss(result.metrics, out / "loss.png", title=f"{args.method}{' + precond' if args.precondition else ''}")
+    if main:
+        _save_into(peft_model, out, meta)
+        plot_loss(result.metrics, out / "loss.png", title=f"{args.method}{' + precond' if args.precondition else ''}")
+    parallel.barrier()  # the other ranks wait for the files, so the job ends when they are written
     return summary
 
 
@@ -306,6 +325,8 @@ def cmd_finetune(args) -> dict:
         summary = run_finetune(args)
     except (TrainingInterrupted, KeyboardInterrupt):
         raise SystemExit(130) from None
+    if summary["rank"] != 0:
+        return summary
     final = summary["final_eval"]
     if final:
         shown = ", ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("eval_") and k != "eval_n")

@@ -8,6 +8,12 @@ the RNG state, so a resumed run ends with the same adapter as an uninterrupted o
 Ctrl-C or SIGTERM asks the loop to stop after the optimizer step in progress; it then writes a
 checkpoint and raises `TrainingInterrupted`. A second Ctrl-C stops at once (the last checkpoint is
 still whole: checkpoints are written to a temporary file and renamed into place).
+
+Under `torchrun` / `accelerate launch` (an initialised `torch.distributed` group) the model is wrapped
+in `DistributedDataParallel` and every micro-batch of the single-process run is split across the
+ranks, each rank's loss weighted by its share of the micro-batch's loss terms. So `--batch-size` is
+the global micro-batch, the steps and the data order do not depend on the number of processes, and
+the adapter equals the single-process one up to float rounding. Only rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lora_one.data import collate
+from lora_one import parallel
+from lora_one.data import collate, loss_terms
 from lora_one.optim import DEFAULT_REG, create_optimizer
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -142,22 +151,52 @@ def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Opt
 
 
 class BatchOrder:
-    """Micro-batch `m` of an endless sequence of epochs, each a permutation seeded by (seed, epoch)."""
+    """Example indices of micro-batch `m` of an endless sequence of epochs, each a permutation seeded
+    by (seed, epoch)."""
 
-    def __init__(self, features: list[dict], batch_size: int, seed: int, pad_id: int):
-        if not features:
+    def __init__(self, n_examples: int, batch_size: int, seed: int):
+        if not n_examples:
             raise ValueError("No training examples.")
-        self.features, self.batch_size, self.seed, self.pad_id = features, batch_size, seed, pad_id
-        self.per_epoch = math.ceil(len(features) / batch_size)
+        self.n, self.batch_size, self.seed = n_examples, batch_size, seed
+        self.per_epoch = math.ceil(n_examples / batch_size)
         self._perm_epoch, self._perm = None, None
 
-    def __getitem__(self, m: int) -> dict:
+    def __getitem__(self, m: int) -> list[int]:
         epoch, j = divmod(m, self.per_epoch)
         if epoch != self._perm_epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.features), generator=gen).tolist(), epoch
-        idx = self._perm[j * self.batch_size : (j + 1) * self.batch_size]
-        return collate([self.features[i] for i in idx], self.pad_id)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen).tolist(), epoch
+        return self._perm[j * self.batch_size : (j + 1) * self.batch_size]
+
+
+def rank_share(features: list[dict], idx: list[int], rank: int, world: int) -> tuple[list[dict], float]:
+    """This rank's examples of the micro-batch `idx` (every `world`-th one) and the weight that turns
+    their mean loss into `world` times their share of the micro-batch's mean loss (DDP's gradient
+    average divides the `world` out). A rank left without loss terms (a short last batch) runs one
+    example at weight 0, so that it still joins the gradient all-reduce."""
+    terms = [loss_terms(features[i]) for i in idx]
+    total, mine = sum(terms), sum(terms[rank::world])
+    if total == 0:
+        raise ValueError("A training micro-batch has no tokens to predict; check the data's responses.")
+    if mine == 0:
+        return [features[idx[terms.index(max(terms))]]], 0.0
+    return [features[i] for i in idx[rank::world]], mine * world / total
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on one (so all ranks stop at the same step)."""
+    return bool(parallel.all_reduce_sum(torch.tensor([float(flag)], device=device)).item())
+
+
+def rng_states() -> list[dict]:
+    """Every rank's RNG state, gathered (rank order) so that each rank resumes its own stream."""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    if not parallel.distributed():
+        return [mine]
+    states = [None] * parallel.world_size()
+    dist.all_gather_object(states, mine)
+    return states
 
 
 @contextmanager
@@ -190,19 +229,21 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, extra: dict) -> Path:
-    """Write `checkpoints/step-N.pt` atomically (a temporary file renamed into place); drop older ones."""
+    """Write `checkpoints/step-N.pt` atomically (a temporary file renamed into place); drop older ones.
+    Every rank calls it (the RNG states are gathered); rank 0 writes."""
     state = {
         "step": step,
         "trainable": trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng": rng_states(),
         **extra,
     }
     folder = out_dir / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:07d}.pt"
+    if not parallel.is_main_process():
+        return final
+    folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".step-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -228,18 +269,28 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state.get("rng_cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    rngs, world = state["rng"], parallel.world_size()
+    if len(rngs) != world:
+        warnings.warn(
+            f"{ckpt} was written by {len(rngs)} processes, this run has {world}: the random streams "
+            "(dropout) continue from rank 0's, so the run may not match an uninterrupted one.", stacklevel=2,
+        )
+    rng = rngs[parallel.rank() if len(rngs) == world else 0]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line, flushed at once; truncated to a step on resume."""
+    """`metrics.jsonl`: one JSON object per line, flushed at once; truncated to a step on resume.
+    With `path=None` (ranks other than 0) the entries are only kept in memory."""
 
-    def __init__(self, path: Path, keep_until: int | None = None):
+    def __init__(self, path: Path | None, keep_until: int | None = None):
         self.path = path
         self.entries: list[dict] = []
+        if path is None:
+            return
         if keep_until is not None and path.exists():
             with path.open(encoding="utf-8") as f:
                 self.entries = [e for e in map(json.loads, filter(str.strip, f)) if e["step"] <= keep_until]
@@ -249,6 +300,8 @@ class MetricsLog:
 
     def log(self, entry: dict) -> None:
         self.entries.append(entry)
+        if self.path is None:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -282,16 +335,23 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _device_of(model)
+    rank, world = parallel.rank(), parallel.world_size()
+    main = rank == 0
     total = s.total_steps(len(features))
     optimizer = build_optimizer(model, s)
     scheduler = get_scheduler(s.schedule, optimizer, num_warmup_steps=s.warmup(total), num_training_steps=total)
     params = [p for p in model.parameters() if p.requires_grad]
-    order = BatchOrder(features, s.batch_size, s.seed, pad_id)
+    order = BatchOrder(len(features), s.batch_size, s.seed)
+    ddp = None
+    if world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = ddp or model
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if s.bf16 else nullcontext()
     )
 
     step, resumed_from = 0, None
+    log_path = out / METRICS if main else None
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
@@ -304,15 +364,15 @@ def train(
                     f"Resuming {ckpt}: its {key} differs from this run's ({state.get(key)!r} vs {value!r}); "
                     "the continued run may not match an uninterrupted one.", stacklevel=2,
                 )
-        log = MetricsLog(out / METRICS, keep_until=step)
+        log = MetricsLog(log_path, keep_until=step)
     else:
-        torch.manual_seed(s.seed)
-        log = MetricsLog(out / METRICS)
+        torch.manual_seed(s.seed + rank)  # each rank its own dropout stream
+        log = MetricsLog(log_path)
     extra = dict(checkpoint_extra or {})
     timers = {"train": 0.0, "eval": 0.0}
 
     def run_eval(at: int) -> None:
-        if evaluate is None:
+        if evaluate is None or not main:
             return
         t = time.perf_counter()
         if at == 0 and step0_eval is not None:
@@ -332,26 +392,30 @@ def train(
     if step == 0:
         run_eval(0)
     last_saved = step if resumed_from is not None else None
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not s.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (s.progress and main),
+               dynamic_ncols=True)
     model.train()
     try:
         with graceful_interrupt() as flag:
             while step < total:
-                if flag["stop"]:
+                if any_rank(flag["stop"], device):
                     break
                 t = time.perf_counter()
-                micro_losses = []
+                micro_losses = torch.zeros(s.grad_accum, dtype=torch.float64, device=device)
                 for k in range(s.grad_accum):
-                    batch = order[step * s.grad_accum + k]
-                    batch = {key: v.to(device) for key, v in batch.items()}
-                    with autocast:
-                        loss = model(**batch).loss
-                    if not torch.isfinite(loss):
-                        raise ValueError(
-                            f"The training loss became {loss.item()} at step {step + 1}; lower the learning rate."
-                        )
-                    (loss / s.grad_accum).backward()
-                    micro_losses.append(loss.item())
+                    feats, weight = rank_share(features, order[step * s.grad_accum + k], rank, world)
+                    batch = {key: v.to(device) for key, v in collate(feats, pad_id).items()}
+                    last = k == s.grad_accum - 1
+                    with nullcontext() if ddp is None or last else ddp.no_sync():  # all-reduce once per step
+                        with autocast:
+                            loss = forward(**batch).loss
+                        (loss * (weight / s.grad_accum)).backward()
+                    micro_losses[k] = loss.detach() * (weight / world)
+                micro_losses = parallel.all_reduce_sum(micro_losses)  # each micro-batch's mean loss
+                if not torch.isfinite(micro_losses).all():
+                    raise ValueError(
+                        f"The training loss became {micro_losses.tolist()} at step {step + 1}; lower the learning rate."
+                    )
                 if s.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]
@@ -360,7 +424,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 timers["train"] += time.perf_counter() - t
-                entry = {"step": step, "train_loss": sum(micro_losses) / len(micro_losses), "lr": lr}
+                entry = {"step": step, "train_loss": micro_losses.mean().item(), "lr": lr}
                 log.log(entry)
                 bar.update(1)
                 bar.set_postfix(loss=f"{entry['train_loss']:.4f}", lr=f"{lr:.2e}")

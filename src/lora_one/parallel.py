@@ -1,0 +1,79 @@
+"""Data parallelism: join the process group that `torchrun` or `accelerate launch` describes.
+
+Both launchers start one process per device and describe the job in environment variables
+(`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); `torch.distributed` reads them.
+Every rank holds the full model; only rank 0 writes files and shows progress.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In place; SUM (and a division by the caller where a mean is wanted): gloo has no AVG."""
+    if distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher started (1 when run as a plain command)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; unset it or launch with torchrun.") from None
+
+
+@contextmanager
+def process_group(device: str) -> Iterator[torch.device]:
+    """Yield the device this process works on, inside the launcher's process group if there is one.
+
+    Under a launcher, `device` names the kind (`cpu`, `cuda`): each process takes `cuda:LOCAL_RANK`
+    and NCCL, or the CPU and gloo. A group that the caller already initialised is used as it is.
+    """
+    dev = torch.device(device)
+    if launched_world_size() <= 1 or distributed():
+        yield dev
+        return
+    if dev.type == "cuda":
+        if dev.index is not None:
+            raise ValueError(
+                f"--device {device} under a multi-process launcher: each process uses cuda:LOCAL_RANK; "
+                "pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs."
+            )
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: data parallelism runs on cpu (gloo) or cuda (NCCL).")
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield dev
+    finally:
+        dist.destroy_process_group()

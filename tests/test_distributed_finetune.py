@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,10 @@ from safetensors.torch import load_file
 from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama, write_jsonl  # noqa: F401
 from transformers import AutoConfig
 
-from lora_one.cli import main
+from lora_one.cli import build_parser, main
+from lora_one.config import resolve
+from lora_one.finetune import run_finetune
+from lora_one.train import TrainingInterrupted
 
 BIN = Path(sys.executable).parent
 
@@ -41,13 +45,17 @@ def tiny(tmp_path_factory):
     }
 
 
-def launch(launcher: list[str], args: list[str]) -> None:
-    """Run `lora-one` under a launcher; only rank 0 reports."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def launch(launcher: list[str], args: list[str]) -> str:
+    """Run `lora-one` under a launcher; only rank 0 reports. Returns stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     done = subprocess.run([*launcher, "-m", "lora_one.cli", *args], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("saved the adapter") == 1 and done.stdout.count("init ") == 1, done.stdout
+    return done.stderr
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -58,7 +66,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(two: Path, one: Path) -> None:
+def assert_same_run(two: Path, one: Path, checkpoint: str = "step-0000003.pt") -> None:
     a, b = adapter(two), adapter(one)
     assert a.keys() == b.keys()
     for name in b:
@@ -72,16 +80,15 @@ def assert_same_run(two: Path, one: Path) -> None:
     sidecar = json.loads((two / "lora_one.json").read_text())
     assert sidecar["training"]["processes"] == 2 and sidecar["world_size"] == 2
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-0000003.pt"]
-    assert len(torch.load(two / "checkpoints" / "step-0000003.pt", weights_only=False)["rng"]) == 2
+    assert [p.name for p in (two / "checkpoints").iterdir()] == [checkpoint]
+    assert len(torch.load(two / "checkpoints" / checkpoint, weights_only=False)["rng"]) == 2
 
 
 def test_torchrun_matches_one_process(tiny, tmp_path):
     args = ["finetune", "--model", tiny["llama"], "--data", tiny["qa"], "--eval-data", tiny["qa_eval"],
             "--rank", "4", "--init-samples", "6", "--init-batch-size", "2", "--batch-size", "5",
             "--grad-accum", "3", "--lr", "5e-3", "--quiet"]
-    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-           [*args, "--out", str(tmp_path / "two")])
+    launch(TORCHRUN, [*args, "--out", str(tmp_path / "two")])
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert_same_run(tmp_path / "two", tmp_path / "one")
 
@@ -95,3 +102,21 @@ def test_accelerate_launch_matches_one_process(tiny, tmp_path):
            [*args, "--out", str(tmp_path / "two")])
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert_same_run(tmp_path / "two", tmp_path / "one")
+
+
+def test_two_processes_resume_a_one_process_checkpoint(tiny, tmp_path):
+    args = ["finetune", "--model", tiny["llama"], "--data", tiny["qa"], "--eval-data", tiny["qa_eval"],
+            "--rank", "4", "--init-samples", "4", "--batch-size", "5", "--max-steps", "6", "--save-every", "2",
+            "--lr", "5e-3", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+
+    def ctrl_c_at_step_3(step, entry):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        run_finetune(resolve(build_parser().parse_args([*args, "--out", str(tmp_path / "two")])),
+                     on_step=ctrl_c_at_step_3)
+    stderr = launch(TORCHRUN, [*args, "--out", str(tmp_path / "two"), "--resume"])
+    assert "written by 1 processes, this run has 2" in stderr
+    assert_same_run(tmp_path / "two", tmp_path / "one", checkpoint="step-0000006.pt")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from conftest import lm_batches, tiny_llama
+from dist_worker import CASES
 from peft import LoraConfig
 
 from lora_one import get_lora_one_model
@@ -31,7 +32,7 @@ def test_two_ranks_match_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     config = LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    for mode, kwargs in (("accumulate", {}), ("sketch", {"grad_mode": "sketch"})):
+    for mode, kwargs in CASES.items():
         single = get_lora_one_model(tiny_llama(), config, lm_batches(n=4), gamma=16, progress=False, **kwargs)
         expected = products({n: p.detach() for n, p in single.named_parameters() if "lora_" in n})
         for r in (0, 1):

@@ -118,6 +118,43 @@ def test_get_lora_one_model_in_sketch_mode_on_a_peft_model():
         assert_same_top_subspace(from_peft[name], G[name], 4, 1e-3)
 
 
+def test_sketch_passes_approach_the_exact_svd():
+    """A narrow sketch (k = 8, l = 17 on 16- to 48-wide layers) of a flat-spectrum tiny gradient: one
+    pass misses the top-4 subspaces (median sine 0.93 measured), three passes find them (median 1.1e-2,
+    max 6.2e-2 measured)."""
+    model, batches = tiny_llama(), lm_batches(n=4)
+    G = estimate_gradients(model, batches, progress=False)
+    truth = {name: exact_svd(g.double(), 4) for name, g in G.items()}
+    median, worst = {}, {}
+    for passes in (1, 3):
+        S = estimate_gradients(model, batches, progress=False, mode="sketch", rank=4, oversample=4, passes=passes)
+        sines = sorted(max(subspace_sine(truth[n].U, S[n].U), subspace_sine(truth[n].Vh.T, S[n].Vh.T)) for n in G)
+        median[passes], worst[passes] = sines[len(sines) // 2], sines[-1]
+    assert median[1] > 0.5 and median[3] < 0.03 and worst[3] < 0.15, (median, worst)
+
+
+def test_sketch_passes_need_reiterable_batches_and_sketch_mode(llama):
+    batches = lm_batches()
+    with pytest.raises(ValueError, match="one-shot iterator .* pass a list or a DataLoader"):
+        estimate_gradients(llama, (b for b in batches), progress=False, mode="sketch", rank=2, passes=3)
+
+    class Shrinking:  # re-iterable, but each complete pass uses up a batch
+        def __init__(self):
+            self.items = list(batches)
+
+        def __iter__(self):
+            yield from list(self.items)
+            self.items.pop()
+
+    with pytest.raises(ValueError, match="Pass 2 saw 3 batches, pass 1 saw 4"):
+        estimate_gradients(llama, Shrinking(), progress=False, mode="sketch", rank=2, passes=2)
+    with pytest.raises(ValueError, match="needs mode='sketch'"):
+        estimate_gradients(llama, batches, progress=False, mode="accumulate", passes=2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="passes must be an integer >= 1"):
+            estimate_gradients(llama, batches, progress=False, mode="sketch", rank=2, passes=bad)
+
+
 def test_bad_mode_arguments(llama):
     with pytest.raises(ValueError, match="Unknown gradient mode"):
         estimate_gradients(llama, lm_batches(), mode="stream")

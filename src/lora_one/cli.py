@@ -51,6 +51,8 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-mode", choices=MODES, default="accumulate",
                    help="memory mode of the gradient phase (sketch: no full gradient is ever formed)")
     p.add_argument("--offload", action="store_true", help="keep accumulate mode's fp32 accumulators on CPU")
+    p.add_argument("--sketch-passes", type=int, default=1,
+                   help="passes over the init data in sketch mode; more passes, a more accurate top-r SVD")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -111,6 +113,7 @@ def cmd_init(args) -> None:
     peft_model = get_lora_one_model(
         model, lora_config_of(args, task), batches, variant=args.variant, gamma=args.gamma,
         svd=args.svd, seed=args.seed, grad_mode=args.grad_mode, offload=args.offload,
+        sketch_passes=args.sketch_passes,
     )
     meta = peft_model.lora_one_metadata
     print_layer_table(meta["layers"])

@@ -12,14 +12,16 @@
   the layer inputs `x`, tensor hooks on the outputs receive `g = dL/dy`, and both feed the linear
   sketches `G @ Omega`, `Psi @ G` (`lora_one.sketch`). The base weights need no `requires_grad`, so a
   frozen or quantised base works and the backward costs what a LoRA training step's backward costs.
-  Returns a `TopSVD` per layer.
+  `passes > 1` runs the batches again, each pass sketching with test matrices built from the previous
+  pass's all-reduced sketches (subspace iteration): more accurate for slowly decaying spectra, at one
+  forward and backward over the data per pass. Returns a `TopSVD` per layer.
 
 The model is left exactly as it was found: weights, `requires_grad` flags, train/eval mode, `.grad`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -148,6 +150,8 @@ class _SingleBatch:
 
 
 class _Sketch:
+    """Pass 1 sketches with seeded Gaussian test matrices; `next_pass` swaps in refined sketches."""
+
     weights_need_grad = False
     max_batches = None
 
@@ -175,29 +179,72 @@ class _Sketch:
         self.handles.append(embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_(True)))
 
     def _forward_hook(self, name):
-        sketch = self.sketches[name]
-
         def forward_hook(module, args, output):
             if not output.requires_grad:  # e.g. the first pass of activation checkpointing
                 return
             x = args[0].detach()
+            sketch = self.sketches[name]  # of the current pass
             output.register_hook(lambda g: sketch.add_tokens(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])))
 
         return forward_hook
 
-    def finish(self, n_batches: int) -> dict[str, TopSVD]:
-        out = {}
+    def _reduce(self, n_batches: int) -> None:
+        """Sum the pass's sketches over the ranks and average them over the batches."""
         for name, sk in self.sketches.items():
             _all_reduce_sum(sk.Y)
             _all_reduce_sum(sk.W)
             sk.scale_(1.0 / n_batches)
             _check(name, bool(torch.isfinite(sk.Y).all() and torch.isfinite(sk.W).all()), bool(sk.Y.any()))
-            out[name] = sk.top_svd(self.rank)
-        return out
+
+    def next_pass(self, n_batches: int) -> None:
+        self._reduce(n_batches)  # every rank then builds the same next test matrices
+        self.sketches = {name: sk.next_pass() for name, sk in self.sketches.items()}
+
+    def finish(self, n_batches: int) -> dict[str, TopSVD]:
+        self._reduce(n_batches)
+        return {name: sk.top_svd(self.rank) for name, sk in self.sketches.items()}
 
 
 def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _backward_pass(model: nn.Module, batches: Iterable[Mapping], collector, mode: str, device) -> int:
+    """One forward and backward per batch, feeding the collector's hooks; returns this rank's batch count."""
+    n_batches = 0
+    for batch in batches:
+        if "labels" not in batch:
+            raise ValueError(
+                "A batch has no 'labels': the one-step gradient needs the training loss. "
+                "Add labels (for a causal LM, input_ids with the prompt and padding set to -100)."
+            )
+        if n_batches == collector.max_batches:
+            raise ValueError(
+                f"mode={mode!r} needs all init samples in one micro-batch per rank, got more "
+                "batches; raise the batch size or use mode='accumulate' or 'sketch'."
+            )
+        loss = model(**_to_device(batch, device)).loss
+        if loss is None:
+            raise ValueError("The model returned no .loss for a batch that has labels.")
+        if not torch.isfinite(loss):
+            raise ValueError(f"The loss of batch {n_batches} is {loss.item()}; check the data and labels.")
+        loss.backward()
+        n_batches += 1
+    return n_batches
+
+
+def _check_passes(passes, mode: str, batches) -> None:
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes must be an integer >= 1, got {passes!r}.")
+    if passes > 1 and mode != "sketch":
+        raise ValueError(
+            f"passes={passes} (sketch passes) needs mode='sketch'; mode={mode!r} takes its gradient in one pass."
+        )
+    if passes > 1 and isinstance(batches, Iterator):  # a generator or other one-shot iterator
+        raise ValueError(
+            f"passes={passes} iterates the batches {passes} times, but they are a one-shot iterator "
+            "(e.g. a generator); pass a list or a DataLoader."
+        )
 
 
 def estimate_gradients(
@@ -210,6 +257,7 @@ def estimate_gradients(
     rank: int | None = None,
     oversample: int | None = None,
     seed: int = 0,
+    passes: int = 1,
 ) -> dict[str, torch.Tensor | TopSVD]:
     """Mean over `batches` (and ranks) of `d model(**batch).loss / dW` for every target `nn.Linear`.
 
@@ -217,12 +265,15 @@ def estimate_gradients(
         model: a transformers model, or a `PeftModel` (then the targets are the base layers of its LoRA
             layers and the gradient is taken at the model's current function).
         batches: an iterable of model-input dicts with `labels`, e.g. a DataLoader. Under
-            `torch.distributed`, each rank passes its own shard.
+            `torch.distributed`, each rank passes its own shard. With `passes > 1`, a re-iterable
+            (a list or a DataLoader) that yields the same samples each time, in any order.
         target_modules: what PEFT's `LoraConfig.target_modules` accepts; `"all-linear"` by default.
         mode: `accumulate` (default), `single-batch` or `sketch`, see the module docstring.
         offload: `accumulate` mode keeps its fp32 accumulators on CPU.
         rank, oversample, seed: the top-`rank` SVD of `single-batch` and `sketch` modes, the sketch's
             oversampling (`k = rank + oversample`, default `3 * rank`) and the test matrices' seed.
+        passes: `sketch` mode's passes over the batches; each further pass is another forward and
+            backward over all of them and sharpens the top-r subspace (README: sketch accuracy).
 
     Returns:
         `{module name: G}` (fp32, `(out, in)`) in `accumulate` mode, `{module name: TopSVD of G}`
@@ -232,6 +283,7 @@ def estimate_gradients(
         raise ValueError(f"Unknown gradient mode {mode!r}; use one of {', '.join(MODES)}.")
     if mode != "accumulate" and not rank:
         raise ValueError(f"mode={mode!r} needs the LoRA rank (rank=r) to size its SVD.")
+    _check_passes(passes, mode, batches)
     targets = find_target_linears(model, target_modules)
     weights = {name: module.weight for name, module in targets.items()}
     _refuse_sharded_weights(model, weights)
@@ -246,33 +298,27 @@ def estimate_gradients(
     device = next(iter(weights.values())).device
     collector_cls = {"accumulate": _Accumulate, "single-batch": _SingleBatch, "sketch": _Sketch}[mode]
 
-    n_batches = 0
+    def total(n_batches: int) -> int:  # over the ranks, so that every rank raises alike
+        return int(_all_reduce_sum(torch.tensor([n_batches], dtype=torch.float64, device=device)).item())
+
     with _estimation_state(model, weights, collector_cls.weights_need_grad):
         collector = collector_cls(targets, offload=offload, rank=rank, seed=seed, oversample=oversample, model=model)
         try:
-            bar = tqdm(batches, desc=f"one-step gradient ({mode})", unit="batch", disable=not (progress and is_main_process()))
-            for batch in bar:
-                if "labels" not in batch:
+            for p in range(1, passes + 1):
+                if p > 1:
+                    collector.next_pass(n_total)
+                desc = f"one-step gradient ({mode}" + (f", pass {p}/{passes})" if passes > 1 else ")")
+                bar = tqdm(batches, desc=desc, unit="batch", disable=not (progress and is_main_process()))
+                n_pass = total(_backward_pass(model, bar, collector, mode, device))
+                if p > 1 and n_pass != n_total:
                     raise ValueError(
-                        "A batch has no 'labels': the one-step gradient needs the training loss. "
-                        "Add labels (for a causal LM, input_ids with the prompt and padding set to -100)."
+                        f"Pass {p} saw {n_pass} batches, pass 1 saw {n_total}: with passes > 1 the batches "
+                        "must yield the same data each time; pass a list or a DataLoader."
                     )
-                if n_batches == collector.max_batches:
-                    raise ValueError(
-                        f"mode={mode!r} needs all init samples in one micro-batch per rank, got more "
-                        "batches; raise the batch size or use mode='accumulate' or 'sketch'."
-                    )
-                loss = model(**_to_device(batch, device)).loss
-                if loss is None:
-                    raise ValueError("The model returned no .loss for a batch that has labels.")
-                if not torch.isfinite(loss):
-                    raise ValueError(f"The loss of batch {n_batches} is {loss.item()}; check the data and labels.")
-                loss.backward()
-                n_batches += 1
+                if n_pass == 0:
+                    raise ValueError("No batches were given: the one-step gradient needs at least one training batch.")
+                n_total = n_pass
         finally:
             for h in collector.handles:
                 h.remove()
-        total = int(_all_reduce_sum(torch.tensor([n_batches], dtype=torch.float64, device=device)).item())
-        if total == 0:
-            raise ValueError("No batches were given: the one-step gradient needs at least one training batch.")
-        return collector.finish(total)
+        return collector.finish(n_total)

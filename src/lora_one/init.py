@@ -158,12 +158,14 @@ def get_lora_one_model(
     progress: bool = True,
     grad_mode: str = "accumulate",
     offload: bool = False,
+    sketch_passes: int = 1,
 ) -> PeftModel:
     """Estimate the one-step gradient on `batches`, wrap `model` with PEFT, initialise the adapter.
 
     The gradient is taken on the plain model before wrapping (LoRA would add nothing at step 0), in
-    `grad_mode` (`accumulate`, `single-batch` or `sketch`, see `estimate_gradients`). Under
-    `torch.distributed`, each rank passes its shard of the init batches and gets the same adapter.
+    `grad_mode` (`accumulate`, `single-batch` or `sketch`, see `estimate_gradients`; `sketch_passes` is
+    its `passes`). Under `torch.distributed`, each rank passes its shard of the init batches and gets
+    the same adapter.
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
     """
     check_variant(variant)
@@ -175,7 +177,7 @@ def get_lora_one_model(
     if variant in NEEDS_GRADIENT:
         gradients = estimate_gradients(
             model, batches, lora_config.target_modules, progress=progress, mode=grad_mode,
-            offload=offload, rank=lora_config.r, seed=seed,
+            offload=offload, rank=lora_config.r, seed=seed, passes=sketch_passes,
         )
     grad_seconds = time.perf_counter() - t0
     config = copy.deepcopy(lora_config)

@@ -1,12 +1,21 @@
-"""Pure math of the single-pass randomised SVD sketch of a gradient (Tropp et al. 2017, Alg. 7).
+"""Pure math of the randomised SVD sketch of a gradient: one pass (Tropp et al. 2017, Alg. 7), or
+several passes of block subspace iteration, all without forming `G`.
 
 Instead of `G` `(m, n)`, keep a range sketch `Y = G @ Omega` `(m, k)` and a co-range sketch
-`W = Psi @ G` `(l, n)` with Gaussian test matrices `Omega` `(n, k)`, `Psi` `(l, m)`. Both are linear in
-`G`, so they can be summed over micro-batches, over tokens (`G = sum_t g_t^T x_t` for `y = x W^T`) and
-over ranks. At the end, `Q = orth(Y)`, `X = (Psi Q)^+ W` gives `G ~= Q X`, whose SVD is cheap.
+`W = Psi @ G` `(l, n)` with test matrices `Omega` `(n, k)`, `Psi` `(l, m)`. Both are linear in `G`, so
+they can be summed over micro-batches, over tokens (`G = sum_t g_t^T x_t` for `y = x W^T`) and over
+ranks. After one pass (Gaussian test matrices), `Q = orth(Y)`, `X = (Psi Q)^+ W` gives `G ~= Q X`, whose
+SVD is cheap.
 
-Accuracy depends on how fast the spectrum of `G` decays beyond rank `k` (there are no power
-iterations in a single pass): see `default_sizes` and the README for measured subspace errors.
+A further pass over the same data (`next_pass`) takes `Omega' = orth(W^T)` and `Psi' = orth(Y)^T`:
+each side's basis gains one power of `G` per pass, two chains (of widths `k` and `l`) alternating
+sides (so `k` and `l` swap places from pass to pass). With orthonormal test matrices `Q = Psi'^T` and
+`P = Omega'`, the new sketches are the exact products `W' = Q^T G` and `Y' = G P`, and
+`G ~= Q Q^T G + (I - Q Q^T) G P P^T` leaves the error `(I - Q Q^T) G (I - P P^T)`, a product of both
+sides' residuals: more accurate than either side's projection alone.
+
+Accuracy depends on how fast the spectrum of `G` decays beyond rank `k` and on the number of passes:
+see `default_sizes` and the README for measured subspace errors.
 """
 
 from __future__ import annotations
@@ -23,10 +32,10 @@ def default_sizes(r: int, m: int, n: int, oversample: int | None = None) -> tupl
 
     `k = r + oversample` (default `oversample = 3 r`), `l = 2 k + 1` as Tropp et al. recommend; both
     capped by the matrix size. Measured on SmolLM2-135M one-step gradients (N = 64, r = 8; sigma_9 /
-    sigma_8 ~ 0.88, a slowly decaying tail): relative error of the rank-r product `G_r` median 3.7e-2
-    at `oversample = 3r`, 2.0e-2 at 5r; the strict top-8 subspace sine stays well above 1e-2 at any
-    affordable k (the 8th and 9th directions are nearly tied). Where accuracy matters more than memory,
-    use `accumulate` mode or raise `oversample`.
+    sigma_8 ~ 0.88, a slowly decaying tail): in one pass, relative error of the rank-r product `G_r`
+    median 3.7e-2 at `oversample = 3r`, 2.0e-2 at 5r; the strict top-8 subspace sine stays well above
+    1e-2 at any affordable k (the 8th and 9th directions are nearly tied). Where accuracy matters more
+    than memory, use `accumulate` mode, raise `oversample`, or take more sketch passes: PASSES_NUMBERS
     """
     check_rank((m, n), r)
     k = min(r + (3 * r if oversample is None else oversample), m, n)
@@ -47,17 +56,24 @@ class GradientSketch:
     psi: torch.Tensor  # (l, m)
     Y: torch.Tensor  # (m, k) = G @ omega
     W: torch.Tensor  # (l, n) = psi @ G
+    orthonormal: bool = False  # test matrices with orthonormal columns / rows from a previous pass
 
     @classmethod
     def empty(cls, m: int, n: int, k: int, l: int, seed: int, device=None) -> GradientSketch:
         return cls.with_test_matrices(test_matrix(n, k, seed, device), test_matrix(l, m, seed + 1, device))
 
     @classmethod
-    def with_test_matrices(cls, omega: torch.Tensor, psi: torch.Tensor) -> GradientSketch:
-        """A zero sketch over given test matrices. Layers of the same shape may share them: each
-        layer's sketch is still a valid Gaussian sketch, and memory stays O(distinct shapes)."""
+    def with_test_matrices(cls, omega: torch.Tensor, psi: torch.Tensor, orthonormal: bool = False) -> GradientSketch:
+        """A zero sketch over given test matrices. Layers of the same shape may share Gaussian ones:
+        each layer's sketch is still a valid Gaussian sketch, and memory stays O(distinct shapes)."""
         (n, k), (l, m) = omega.shape, psi.shape
-        return cls(omega, psi, torch.zeros(m, k, device=omega.device), torch.zeros(l, n, device=omega.device))
+        dev = omega.device
+        return cls(omega, psi, torch.zeros(m, k, device=dev), torch.zeros(l, n, device=dev), orthonormal)
+
+    def next_pass(self) -> GradientSketch:
+        """A zero sketch for another pass over the same data, whose test matrices are orthonormal bases
+        of this (complete, all-reduced) sketch: `Omega' = orth(W^T)`, `Psi' = orth(Y)^T`."""
+        return GradientSketch.with_test_matrices(_orth(self.W.mT), _orth(self.Y).mT, orthonormal=True)
 
     def add_tokens(self, g: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> None:
         """Add `scale * g^T x` for output gradients `g` `(T, m)` and inputs `x` `(T, n)`, without ever
@@ -79,7 +95,22 @@ class GradientSketch:
         return self.Y.numel() + self.W.numel()
 
     def top_svd(self, r: int) -> TopSVD:
-        Q = torch.linalg.qr(self.Y.double()).Q
-        X = torch.linalg.lstsq(self.psi.double() @ Q, self.W.double()).solution
-        Ux, S, Vh = torch.linalg.svd(X, full_matrices=False)
-        return TopSVD(U=(Q @ Ux[:, :r]).float(), S=S[:r].float(), Vh=Vh[:r].float())
+        """Top-r SVD of `G ~= basis @ core`, with `basis` orthonormal, so only `core` is decomposed."""
+        Y, W = self.Y.double(), self.W.double()
+        if self.orthonormal:  # G ~= Q W + (Y - Q Q^T Y) P^T, see the module docstring
+            Q, P = self.psi.double().mT, self.omega.double()
+            # One QR of [Q, Y] (Q = basis R1, Y = basis R2) stays orthonormal even where the two
+            # together hold more columns than G has rows.
+            basis, R = torch.linalg.qr(torch.cat([Q, Y], dim=1))
+            R1, R2 = R[:, : Q.shape[1]], R[:, Q.shape[1] :]
+            core = R1 @ W + (R2 - R1 @ (Q.mT @ Y)) @ P.mT
+        else:
+            basis = torch.linalg.qr(Y).Q
+            core = torch.linalg.lstsq(self.psi.double() @ basis, W).solution
+        Ux, S, Vh = torch.linalg.svd(core, full_matrices=False)
+        return TopSVD(U=(basis @ Ux[:, :r]).float(), S=S[:r].float(), Vh=Vh[:r].float())
+
+
+def _orth(M: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of `M`, computed in float64 for the small directions."""
+    return torch.linalg.qr(M.double()).Q.to(M.dtype)

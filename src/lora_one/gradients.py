@@ -180,7 +180,7 @@ class _Sketch:
 
     def _forward_hook(self, name):
         def forward_hook(module, args, output):
-            if not output.requires_grad:  # e.g. the first pass of activation checkpointing
+            if not output.requires_grad:  # e.g. the first forward of activation checkpointing
                 return
             x = args[0].detach()
             sketch = self.sketches[name]  # of the current pass
@@ -198,7 +198,8 @@ class _Sketch:
 
     def next_pass(self, n_batches: int) -> None:
         self._reduce(n_batches)  # every rank then builds the same next test matrices
-        self.sketches = {name: sk.next_pass() for name, sk in self.sketches.items()}
+        for name, sk in self.sketches.items():  # one layer at a time, freeing the old sketch at once
+            self.sketches[name] = sk.next_pass()
 
     def finish(self, n_batches: int) -> dict[str, TopSVD]:
         self._reduce(n_batches)

@@ -6,12 +6,14 @@ SmolLM2-135M-Instruct, TREC prompts, max length 128, all linear layers, rank 8. 
   the same N samples (micro-batches of 1);
 - peak memory (RSS growth over the loaded model, each measurement in its own process) as a ratio to a
   LoRA training step on one micro-batch;
-- our randomised SVD and the sketch against the reference's `torch.svd_lowrank(q=512, niter=16)` on
-  the same real gradients: speed and top-r subspace error against an exact float64 SVD;
+- our randomised SVD and the sketch (1, 2 and 3 passes) against the reference's
+  `torch.svd_lowrank(q=512, niter=16)` on the same real gradients: speed and top-r subspace error
+  against an exact float64 SVD;
 - bytes an all-reduce would move per mode;
 - the same accounting projected on paper to LLaMA-2-7B shapes.
 
-    python benchmarks/init_cost.py [--quick]      # --quick: N = 8 only, fewer layers for the errors
+    python benchmarks/init_cost.py [--quick] [--accuracy-only]
+    # --quick: N = 8 only, fewer layers for the errors; --accuracy-only: no timing or memory children
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 import torch
 
 R, MAX_LEN, SEED = 8, 128, 0
+SKETCH_PASSES = (1, 2, 3)  # in the accuracy section
 
 
 def rss_mb() -> float:
@@ -81,10 +84,11 @@ def child(job: str, n: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         out["seconds"] = time.perf_counter() - t0
-    elif job in ("accumulate", "sketch", "single-batch", "reference"):
-        mode = "accumulate" if job == "reference" else job
+    elif job in ("accumulate", "sketch", "sketch-3-passes", "single-batch", "reference"):
+        mode = {"reference": "accumulate", "sketch-3-passes": "sketch"}.get(job, job)
+        passes = 3 if job == "sketch-3-passes" else 1
         t0 = time.perf_counter()
-        grads = estimate_gradients(model, batches, progress=False, mode=mode, rank=R, seed=SEED)
+        grads = estimate_gradients(model, batches, progress=False, mode=mode, rank=R, seed=SEED, passes=passes)
         t1 = time.perf_counter()
         if job == "accumulate":
             svds = {k: top_svd(g, R, "randomized", SEED) for k, g in grads.items()}
@@ -116,10 +120,15 @@ def svd_accuracy(n: int, layer_stride: int) -> dict:
 
     model, batches = load(n)
     grads = estimate_gradients(model, batches, progress=False)
-    sketches = estimate_gradients(model, batches, progress=False, mode="sketch", rank=R, seed=SEED)
+    sketches = {
+        f"sketch {p} pass{'es' if p > 1 else ''}": estimate_gradients(
+            model, batches, progress=False, mode="sketch", rank=R, seed=SEED, passes=p
+        )
+        for p in SKETCH_PASSES
+    }
     names = list(grads)[::layer_stride]
     t_ours = t_ref = 0.0
-    err = {"ours": [], "reference": [], "sketch": [], "sketch_product": []}
+    err = {"ours": [], "reference": []} | {f"{k}{suffix}": [] for k in sketches for suffix in ("", " G_r")}
     for name in names:
         G = grads[name]
         t0 = time.perf_counter()
@@ -131,11 +140,12 @@ def svd_accuracy(n: int, layer_stride: int) -> dict:
         truth = exact_svd(G.double(), R)
         err["ours"].append(subspace_sine(truth.U, ours.U))
         err["reference"].append(subspace_sine(truth.U, U[:, :R]))
-        sk = sketches[name]
-        err["sketch"].append(subspace_sine(truth.U, sk.U))
         G_r = truth.U @ torch.diag(truth.S) @ truth.Vh
-        approx = sk.U.double() @ torch.diag(sk.S.double()) @ sk.Vh.double()
-        err["sketch_product"].append(float((approx - G_r).norm() / G_r.norm()))
+        for k, svds in sketches.items():
+            sk = svds[name]
+            err[k].append(subspace_sine(truth.U, sk.U))
+            approx = sk.U.double() @ torch.diag(sk.S.double()) @ sk.Vh.double()
+            err[f"{k} G_r"].append(float((approx - G_r).norm() / G_r.norm()))
     med = {k: sorted(v)[len(v) // 2] for k, v in err.items()}
     worst = {k: max(v) for k, v in err.items()}
     return {"layers": len(names), "ours_s": t_ours, "reference_s": t_ref, "median": med, "max": worst}
@@ -146,7 +156,10 @@ def allreduce_bytes(shapes, r: int) -> dict:
 
     full = sum(m * n for m, n in shapes) * 4
     sketch = sum(m * k + l * n for (m, n) in shapes for k, l in [default_sizes(r, m, n)]) * 4
-    return {"accumulate": full, "single-batch": full, "sketch": sketch, "reference": full}
+    # a later pass sketches with the widths swapped: G @ (n, l) and (k, m) @ G
+    swapped = sum(m * l + k * n for (m, n) in shapes for k, l in [default_sizes(r, m, n)]) * 4
+    return {"accumulate": full, "single-batch": full, "sketch": sketch, "sketch-3-passes": 2 * sketch + swapped,
+            "reference": full}
 
 
 def svd_flops(shapes, r: int) -> dict:
@@ -179,6 +192,7 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--accuracy-only", action="store_true")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.n)))
@@ -186,34 +200,33 @@ def main() -> None:
 
     ns = (8,) if args.quick else (8, 64)
     print(f"SmolLM2-135M, max length {MAX_LEN}, all linear layers, rank {R}, torch threads {torch.get_num_threads()}")
-    for n in ns:
+    for n in () if args.accuracy_only else ns:
         lora = run_child("lora-train", n)
         one_step = run_child("lora-train", 1)
         print(f"\nN = {n}: LoRA training {lora['seconds']:.2f} s for {n} steps of 1 sample; "
               f"peak +{one_step['peak_mb_over_model']:.0f} MB for one step")
-        print(f"{'mode':<14}{'grad s':>9}{'svd s':>9}{'grad/LoRA':>11}{'svd/LoRA':>10}{'init/LoRA':>11}{'peak MB':>9}{'peak/LoRA step':>16}")
-        for job in ("accumulate", "sketch", "single-batch", "reference"):
+        print(f"{'mode':<16}{'grad s':>9}{'svd s':>9}{'grad/LoRA':>11}{'svd/LoRA':>10}{'init/LoRA':>11}{'peak MB':>9}{'peak/LoRA step':>16}")
+        for job in ("accumulate", "sketch", "sketch-3-passes", "single-batch", "reference"):
             if job == "single-batch" and n > 8:
                 continue  # 64 samples in one micro-batch is not the use case of this mode
             res = run_child(job, n)
             g, s = res["gradient_seconds"], res["svd_seconds"]
-            print(f"{job:<14}{g:>9.2f}{s:>9.2f}{g / lora['seconds']:>11.2f}{s / lora['seconds']:>10.3f}"
+            print(f"{job:<16}{g:>9.2f}{s:>9.2f}{g / lora['seconds']:>11.2f}{s / lora['seconds']:>10.3f}"
                   f"{(g + s) / lora['seconds']:>11.2f}{res['peak_mb_over_model']:>9.0f}"
                   f"{res['peak_mb_over_model'] / max(one_step['peak_mb_over_model'], 1):>16.2f}")
-        if n == ns[-1]:
-            acc = svd_accuracy(n, layer_stride=10 if args.quick else 3)
-            print(f"\nSVD on {acc['layers']} real gradient layers (N = {n}): ours {acc['ours_s']:.2f} s, "
-                  f"reference {acc['reference_s']:.2f} s, speed-up {acc['reference_s'] / acc['ours_s']:.0f}x")
-            for k in acc["median"]:
-                label = "relative error of G_r" if k == "sketch_product" else "top-r subspace sine"
-                print(f"  {k:<16} {label}: median {acc['median'][k]:.2e}, max {acc['max'][k]:.2e}")
+    acc = svd_accuracy(ns[-1], layer_stride=10 if args.quick else 3)
+    print(f"\nSVD on {acc['layers']} real gradient layers (N = {ns[-1]}): ours {acc['ours_s']:.2f} s, "
+          f"reference {acc['reference_s']:.2f} s, speed-up {acc['reference_s'] / acc['ours_s']:.0f}x")
+    for k in acc["median"]:
+        label = "relative error of G_r" if k.endswith(" G_r") else "top-r subspace sine"
+        print(f"  {k.removesuffix(' G_r'):<16} {label}: median {acc['median'][k]:.2e}, max {acc['max'][k]:.2e}")
 
     for title, shapes in (("SmolLM2-135M", smollm2_shapes()), ("LLaMA-2-7B (on paper)", llama7b_shapes())):
         b = allreduce_bytes(shapes, R)
         f = svd_flops(shapes, R)
         print(f"\n{title}: {len(shapes)} target layers, rank {R}")
         for mode, v in b.items():
-            print(f"  {mode:<14} accumulator / all-reduce bytes {fmt_bytes(v):>11}  ({v / b['accumulate']:.1%} of full)")
+            print(f"  {mode:<16} accumulator / all-reduce bytes {fmt_bytes(v):>11}  ({v / b['accumulate']:.1%} of full)")
         for k, v in f.items():
             print(f"  SVD FLOPs {k:<28} {v / 1e12:10.3f} TFLOP")
 

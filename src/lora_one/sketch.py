@@ -34,8 +34,11 @@ def default_sizes(r: int, m: int, n: int, oversample: int | None = None) -> tupl
     capped by the matrix size. Measured on SmolLM2-135M one-step gradients (N = 64, r = 8; sigma_9 /
     sigma_8 ~ 0.88, a slowly decaying tail): in one pass, relative error of the rank-r product `G_r`
     median 3.7e-2 at `oversample = 3r`, 2.0e-2 at 5r; the strict top-8 subspace sine stays well above
-    1e-2 at any affordable k (the 8th and 9th directions are nearly tied). Where accuracy matters more
-    than memory, use `accumulate` mode, raise `oversample`, or take more sketch passes: PASSES_NUMBERS
+    1e-2 at any affordable k (the 8th and 9th directions are nearly tied). For more accuracy, raise
+    `oversample` or take more passes (`next_pass`): on 21 SmolLM2 layers (N = 8, default oversample)
+    the top-8 subspace sine median / max is 3.05e-1 / 6.10e-1 in one pass, 2.21e-3 / 1.41e-2 in two and
+    2.51e-4 / 1.59e-3 in three; the `G_r` error 5.01e-2 / 1.73e-1, 4.94e-4 / 3.18e-3 and 1.45e-5 / 1.74e-4.
+    Where memory allows, `accumulate` mode is exact.
     """
     check_rank((m, n), r)
     k = min(r + (3 * r if oversample is None else oversample), m, n)
@@ -63,7 +66,9 @@ class GradientSketch:
         return cls.with_test_matrices(test_matrix(n, k, seed, device), test_matrix(l, m, seed + 1, device))
 
     @classmethod
-    def with_test_matrices(cls, omega: torch.Tensor, psi: torch.Tensor, orthonormal: bool = False) -> GradientSketch:
+    def with_test_matrices(
+        cls, omega: torch.Tensor, psi: torch.Tensor, orthonormal: bool = False
+    ) -> GradientSketch:
         """A zero sketch over given test matrices. Layers of the same shape may share Gaussian ones:
         each layer's sketch is still a valid Gaussian sketch, and memory stays O(distinct shapes)."""
         (n, k), (l, m) = omega.shape, psi.shape
@@ -91,7 +96,8 @@ class GradientSketch:
         self.W.mul_(factor)
 
     def numel(self) -> int:
-        """Numbers an all-reduce moves (the test matrices are regenerated from the seed)."""
+        """Numbers an all-reduce moves (every rank builds the test matrices itself, from the seed or
+        from the previous pass's reduced sketches)."""
         return self.Y.numel() + self.W.numel()
 
     def top_svd(self, r: int) -> TopSVD:

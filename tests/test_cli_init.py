@@ -110,3 +110,21 @@ def test_init_leaves_no_half_written_folder_on_failure(tiny_llama_dir, tmp_path,
     with pytest.raises(OSError, match="disk full"):
         run("init", "--model", tiny_llama_dir, "--data", data, "--out", tmp_path / "out", "--rank", 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl"]
+
+
+def test_init_sketch_passes_from_cli(tiny_llama_dir, tmp_path, capsys):
+    """`--grad-mode sketch --sketch-passes 3` reaches the accumulate-mode adapter, and is recorded."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
+    common = ("--model", tiny_llama_dir, "--data", data, "--rank", 2, "--init-samples", 4, "--max-length", 32)
+    assert run("init", *common, "--out", tmp_path / "exact") == 0
+    assert run("init", *common, "--out", tmp_path / "sketch", "--grad-mode", "sketch", "--sketch-passes", 3) == 0
+    meta = json.loads((tmp_path / "sketch" / "lora_one.json").read_text())
+    assert meta["grad_mode"] == "sketch" and meta["sketch_passes"] == 3
+    exact, sketch = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("exact", "sketch"))
+    for name, value in exact.items():  # canonical signs: the factors themselves agree
+        assert float((sketch[name] - value).norm() / value.norm()) < 1e-3, name
+    capsys.readouterr()
+    assert run("init", *common, "--out", tmp_path / "bad", "--sketch-passes", 2) == 2
+    assert "mode='sketch'" in capsys.readouterr().err

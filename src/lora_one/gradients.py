@@ -25,29 +25,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from lora_one.parallel import all_reduce_sum, is_main_process, world_size
 from lora_one.sketch import GradientSketch, default_sizes, test_matrix
 from lora_one.spectral import TopSVD, randomized_svd
 from lora_one.targets import find_target_linears
 
 MODES = ("accumulate", "single-batch", "sketch")
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def is_main_process() -> bool:
-    return not distributed() or dist.get_rank() == 0
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # SUM then divide: gloo has no AVG
-    return t
 
 
 def _refuse_sharded_weights(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
@@ -121,7 +107,7 @@ class _Accumulate:
     def finish(self, n_batches: int) -> dict[str, torch.Tensor]:
         out = {}
         for name, total in self.sums.items():
-            g = _all_reduce_sum(total).div_(n_batches)
+            g = all_reduce_sum(total).div_(n_batches)
             _check(name, bool(torch.isfinite(g).all()), bool(g.any()))
             out[name] = g
         return out
@@ -133,12 +119,12 @@ class _SingleBatch:
 
     def __init__(self, targets, rank: int, seed: int, **_):
         self.rank, self.seed, self.svds = rank, seed, {}
-        self.world = dist.get_world_size() if distributed() else 1
+        self.world = world_size()
         self.handles = [m.weight.register_post_accumulate_grad_hook(self._hook(n)) for n, m in targets.items()]
 
     def _hook(self, name):
         def hook(param):
-            g = _all_reduce_sum(param.grad.float()).div_(self.world)
+            g = all_reduce_sum(param.grad.float()).div_(self.world)
             param.grad = None
             _check(name, bool(torch.isfinite(g).all()), bool(g.any()))
             self.svds[name] = randomized_svd(g, self.rank, seed=self.seed)  # as init_lora_one seeds it
@@ -191,8 +177,8 @@ class _Sketch:
     def _reduce(self, n_batches: int) -> None:
         """Sum the pass's sketches over the ranks and average them over the batches."""
         for name, sk in self.sketches.items():
-            _all_reduce_sum(sk.Y)
-            _all_reduce_sum(sk.W)
+            all_reduce_sum(sk.Y)
+            all_reduce_sum(sk.W)
             sk.scale_(1.0 / n_batches)
             _check(name, bool(torch.isfinite(sk.Y).all() and torch.isfinite(sk.W).all()), bool(sk.Y.any()))
 
@@ -300,7 +286,7 @@ def estimate_gradients(
     collector_cls = {"accumulate": _Accumulate, "single-batch": _SingleBatch, "sketch": _Sketch}[mode]
 
     def total(n_batches: int) -> int:  # over the ranks, so that every rank raises alike
-        return int(_all_reduce_sum(torch.tensor([n_batches], dtype=torch.float64, device=device)).item())
+        return int(all_reduce_sum(torch.tensor([n_batches], dtype=torch.float64, device=device)).item())
 
     with _estimation_state(model, weights, collector_cls.weights_need_grad):
         collector = collector_cls(targets, offload=offload, rank=rank, seed=seed, oversample=oversample, model=model)

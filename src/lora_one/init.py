@@ -13,11 +13,11 @@ import time
 from collections.abc import Iterable, Mapping
 
 import torch
-import torch.distributed as dist
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
 from torch import nn
 
-from lora_one.gradients import distributed, estimate_gradients
+from lora_one.gradients import estimate_gradients
+from lora_one.parallel import all_reduce_sum, world_size
 from lora_one.spectral import (
     BASE_CHANGING_VARIANTS,
     GRADIENT_VARIANTS,
@@ -188,17 +188,19 @@ def get_lora_one_model(
     t1 = time.perf_counter()  # the SVD phase starts after PEFT's wrapping
     stats = init_lora_one(peft_model, gradients, variant, gamma, svd, seed, adapter_name)
     t2 = time.perf_counter()
+    device = next(model.parameters()).device  # NCCL reduces on the GPU
     peft_model.lora_one_metadata = {
         "variant": variant,
         "gamma": gamma,
         "normalisation": NORMALISATION[variant],
         "svd": svd if grad_mode == "accumulate" else f"{grad_mode} (top-r SVD in the gradient phase)",
         "grad_mode": grad_mode,
-        "world_size": dist.get_world_size() if distributed() else 1,
+        **({"sketch_passes": sketch_passes} if grad_mode == "sketch" else {}),
+        "world_size": world_size(),
         "seed": seed,
-        "init_samples": sum(_batch_size(b) for b in batches),
-        "init_batches": len(batches),
-        "init_samples_sha256": hash_batches(batches),
+        "init_samples": int(all_reduce_sum(torch.tensor([sum(_batch_size(b) for b in batches)], device=device)).item()),
+        "init_batches": int(all_reduce_sum(torch.tensor([len(batches)], device=device)).item()),
+        "init_samples_sha256": hash_batches(batches),  # of this rank's shard under torch.distributed
         "base_changed": variant in BASE_CHANGING_VARIANTS,
         "gradient_seconds": round(grad_seconds, 4),
         "svd_seconds": round(t2 - t1, 4),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peft import PeftModel, set_peft_model_state_dict
 
-from lora_one.gradients import is_main_process
+from lora_one.parallel import is_main_process
 
 SIDECAR = "lora_one.json"
 

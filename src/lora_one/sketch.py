@@ -95,11 +95,6 @@ class GradientSketch:
         self.Y.mul_(factor)
         self.W.mul_(factor)
 
-    def numel(self) -> int:
-        """Numbers an all-reduce moves (every rank builds the test matrices itself, from the seed or
-        from the previous pass's reduced sketches)."""
-        return self.Y.numel() + self.W.numel()
-
     def top_svd(self, r: int) -> TopSVD:
         """Top-r SVD of `G ~= basis @ core`, with `basis` orthonormal, so only `core` is decomposed."""
         Y, W = self.Y.double(), self.W.double()

@@ -5,11 +5,11 @@ SmolLM2-135M-Instruct, TREC prompts, max length 128, all linear layers, rank 8. 
 - wall time of the gradient phase and of the SVD phase per mode, as ratios to LoRA training steps on
   the same N samples (micro-batches of 1);
 - peak memory (RSS growth over the loaded model, each measurement in its own process) as a ratio to a
-  LoRA training step on one micro-batch;
+  LoRA training step on one micro-batch, and to LoRA training over the same N micro-batches;
 - our randomised SVD and the sketch (1, 2 and 3 passes) against the reference's
   `torch.svd_lowrank(q=512, niter=16)` on the same real gradients: speed and top-r subspace error
   against an exact float64 SVD;
-- bytes an all-reduce would move per mode;
+- bytes an all-reduce would move per mode (`sketch` is one pass, `sketch-P-passes` P passes);
 - the same accounting projected on paper to LLaMA-2-7B shapes.
 
     python benchmarks/init_cost.py [--quick] [--accuracy-only]
@@ -84,9 +84,9 @@ def child(job: str, n: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         out["seconds"] = time.perf_counter() - t0
-    elif job in ("accumulate", "sketch", "sketch-3-passes", "single-batch", "reference"):
-        mode = {"reference": "accumulate", "sketch-3-passes": "sketch"}.get(job, job)
-        passes = 3 if job == "sketch-3-passes" else 1
+    elif job in ("accumulate", "sketch", "sketch-2-passes", "sketch-3-passes", "single-batch", "reference"):
+        mode = "accumulate" if job == "reference" else job.split("-")[0] if job.startswith("sketch") else job
+        passes = int(job.split("-")[1]) if job.startswith("sketch-") else 1
         t0 = time.perf_counter()
         grads = estimate_gradients(model, batches, progress=False, mode=mode, rank=R, seed=SEED, passes=passes)
         t1 = time.perf_counter()
@@ -158,8 +158,8 @@ def allreduce_bytes(shapes, r: int) -> dict:
     sketch = sum(m * k + l * n for (m, n) in shapes for k, l in [default_sizes(r, m, n)]) * 4
     # a later pass sketches with the widths swapped: G @ (n, l) and (k, m) @ G
     swapped = sum(m * l + k * n for (m, n) in shapes for k, l in [default_sizes(r, m, n)]) * 4
-    return {"accumulate": full, "single-batch": full, "sketch": sketch, "sketch-3-passes": 2 * sketch + swapped,
-            "reference": full}
+    return {"accumulate": full, "single-batch": full, "sketch": sketch, "sketch-2-passes": sketch + swapped,
+            "sketch-3-passes": 2 * sketch + swapped, "reference": full}
 
 
 def svd_flops(shapes, r: int) -> dict:
@@ -204,16 +204,19 @@ def main() -> None:
         lora = run_child("lora-train", n)
         one_step = run_child("lora-train", 1)
         print(f"\nN = {n}: LoRA training {lora['seconds']:.2f} s for {n} steps of 1 sample; "
-              f"peak +{one_step['peak_mb_over_model']:.0f} MB for one step")
-        print(f"{'mode':<16}{'grad s':>9}{'svd s':>9}{'grad/LoRA':>11}{'svd/LoRA':>10}{'init/LoRA':>11}{'peak MB':>9}{'peak/LoRA step':>16}")
-        for job in ("accumulate", "sketch", "sketch-3-passes", "single-batch", "reference"):
+              f"peak +{one_step['peak_mb_over_model']:.0f} MB for one step, +{lora['peak_mb_over_model']:.0f} MB "
+              f"for the {n} steps (the allocator's growth over sequences of varying length)")
+        print(f"{'mode':<16}{'grad s':>9}{'svd s':>9}{'grad/LoRA':>11}{'svd/LoRA':>10}{'init/LoRA':>11}{'peak MB':>9}"
+              f"{'peak/LoRA step':>16}{'peak/LoRA N steps':>19}")
+        for job in ("accumulate", "sketch", "sketch-2-passes", "sketch-3-passes", "single-batch", "reference"):
             if job == "single-batch" and n > 8:
                 continue  # 64 samples in one micro-batch is not the use case of this mode
             res = run_child(job, n)
             g, s = res["gradient_seconds"], res["svd_seconds"]
             print(f"{job:<16}{g:>9.2f}{s:>9.2f}{g / lora['seconds']:>11.2f}{s / lora['seconds']:>10.3f}"
                   f"{(g + s) / lora['seconds']:>11.2f}{res['peak_mb_over_model']:>9.0f}"
-                  f"{res['peak_mb_over_model'] / max(one_step['peak_mb_over_model'], 1):>16.2f}")
+                  f"{res['peak_mb_over_model'] / max(one_step['peak_mb_over_model'], 1):>16.2f}"
+                  f"{res['peak_mb_over_model'] / max(lora['peak_mb_over_model'], 1):>19.2f}")
     acc = svd_accuracy(ns[-1], layer_stride=10 if args.quick else 3)
     print(f"\nSVD on {acc['layers']} real gradient layers (N = {ns[-1]}): ours {acc['ours_s']:.2f} s, "
           f"reference {acc['reference_s']:.2f} s, speed-up {acc['reference_s'] / acc['ours_s']:.0f}x")

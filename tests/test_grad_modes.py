@@ -9,6 +9,7 @@ from conftest import lm_batches, tiny_llama
 from peft import LoraConfig, get_peft_model
 
 from lora_one import estimate_gradients, get_lora_one_model
+from lora_one.gradients import DEFAULT_SKETCH_PASSES
 from lora_one.sketch import GradientSketch, default_sizes
 from lora_one.spectral import TopSVD, exact_svd, lora_factors, subspace_sine
 
@@ -110,6 +111,7 @@ def test_get_lora_one_model_in_sketch_mode_on_a_peft_model():
     config = LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")
     sketched = get_lora_one_model(copy.deepcopy(model), config, batches, grad_mode="sketch")
     assert sketched.lora_one_metadata["grad_mode"] == "sketch"
+    assert sketched.lora_one_metadata["sketch_passes"] == DEFAULT_SKETCH_PASSES == 2
     # the sketch of a PeftModel (B = 0: the function of the base) sees the same gradient
     wrapped = get_peft_model(copy.deepcopy(model), config)
     from_peft = estimate_gradients(wrapped, batches, progress=False, mode="sketch", rank=4, oversample=64)
@@ -170,3 +172,11 @@ def test_quantised_weights_need_sketch_mode(llama):
     q.weight = torch.nn.Parameter(q.weight.to(torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match="Use mode='sketch'"):
         estimate_gradients(llama, lm_batches(), progress=False)
+
+
+def test_sketch_mode_defaults_to_two_passes(llama):
+    batches = lm_batches()
+    default = estimate_gradients(llama, batches, progress=False, mode="sketch", rank=2)
+    for passes, same in ((2, True), (1, False)):
+        explicit = estimate_gradients(llama, batches, progress=False, mode="sketch", rank=2, passes=passes)
+        assert all(torch.equal(default[n].U, explicit[n].U) for n in default) == same

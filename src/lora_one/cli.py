@@ -51,8 +51,9 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-mode", choices=MODES, default="accumulate",
                    help="memory mode of the gradient phase (sketch: no full gradient is ever formed)")
     p.add_argument("--offload", action="store_true", help="keep accumulate mode's fp32 accumulators on CPU")
-    p.add_argument("--sketch-passes", type=int, default=1,
-                   help="passes over the init data in sketch mode; more passes, a more accurate top-r SVD")
+    p.add_argument("--sketch-passes", type=int,
+                   help="passes over the init data in sketch mode (default 2); more passes, a more accurate "
+                   "top-r SVD (README: sketch accuracy)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -34,6 +34,10 @@ from lora_one.spectral import TopSVD, randomized_svd
 from lora_one.targets import find_target_linears
 
 MODES = ("accumulate", "single-batch", "sketch")
+# Sketch passes when none are asked for. On SmolLM2 (N = 64, r = 8) one pass left a top-8 subspace
+# sine of 0.2 (median) where two gave at most 4.5e-3 over 70 layers, for 1.6x a LoRA epoch's time
+# against 0.9x; three gave 5e-4 for 2.9x (benchmarks/results/init_cost.txt).
+DEFAULT_SKETCH_PASSES = 2
 
 
 def _refuse_sharded_weights(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
@@ -220,7 +224,10 @@ def _backward_pass(model: nn.Module, batches: Iterable[Mapping], collector, mode
     return n_batches
 
 
-def _check_passes(passes, mode: str, batches) -> None:
+def _resolve_passes(passes, mode: str, batches) -> int:
+    """The number of passes (`None`: the mode's default), checked."""
+    if passes is None:
+        passes = DEFAULT_SKETCH_PASSES if mode == "sketch" else 1
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}.")
     if passes > 1 and mode != "sketch":
@@ -232,6 +239,7 @@ def _check_passes(passes, mode: str, batches) -> None:
             f"passes={passes} iterates the batches {passes} times, but they are a one-shot iterator "
             "(e.g. a generator); pass a list or a DataLoader."
         )
+    return passes
 
 
 def estimate_gradients(
@@ -244,7 +252,7 @@ def estimate_gradients(
     rank: int | None = None,
     oversample: int | None = None,
     seed: int = 0,
-    passes: int = 1,
+    passes: int | None = None,
 ) -> dict[str, torch.Tensor | TopSVD]:
     """Mean over `batches` (and ranks) of `d model(**batch).loss / dW` for every target `nn.Linear`.
 
@@ -259,8 +267,9 @@ def estimate_gradients(
         offload: `accumulate` mode keeps its fp32 accumulators on CPU.
         rank, oversample, seed: the top-`rank` SVD of `single-batch` and `sketch` modes, the sketch's
             oversampling (`k = rank + oversample`, default `3 * rank`) and the test matrices' seed.
-        passes: `sketch` mode's passes over the batches; each further pass is another forward and
-            backward over all of them and sharpens the top-r subspace (README: sketch accuracy).
+        passes: `sketch` mode's passes over the batches (default `DEFAULT_SKETCH_PASSES` = 2); each
+            further pass is another forward and backward over all of them and sharpens the top-r
+            subspace (README: sketch accuracy). Other modes take one.
 
     Returns:
         `{module name: G}` (fp32, `(out, in)`) in `accumulate` mode, `{module name: TopSVD of G}`
@@ -270,7 +279,7 @@ def estimate_gradients(
         raise ValueError(f"Unknown gradient mode {mode!r}; use one of {', '.join(MODES)}.")
     if mode != "accumulate" and not rank:
         raise ValueError(f"mode={mode!r} needs the LoRA rank (rank=r) to size its SVD.")
-    _check_passes(passes, mode, batches)
+    passes = _resolve_passes(passes, mode, batches)
     targets = find_target_linears(model, target_modules)
     weights = {name: module.weight for name, module in targets.items()}
     _refuse_sharded_weights(model, weights)

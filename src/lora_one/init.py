@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
 from torch import nn
 
-from lora_one.gradients import estimate_gradients
+from lora_one.gradients import DEFAULT_SKETCH_PASSES, estimate_gradients
 from lora_one.parallel import all_reduce_sum, world_size
 from lora_one.spectral import (
     BASE_CHANGING_VARIANTS,
@@ -158,13 +158,13 @@ def get_lora_one_model(
     progress: bool = True,
     grad_mode: str = "accumulate",
     offload: bool = False,
-    sketch_passes: int = 1,
+    sketch_passes: int | None = None,
 ) -> PeftModel:
     """Estimate the one-step gradient on `batches`, wrap `model` with PEFT, initialise the adapter.
 
     The gradient is taken on the plain model before wrapping (LoRA would add nothing at step 0), in
     `grad_mode` (`accumulate`, `single-batch` or `sketch`, see `estimate_gradients`; `sketch_passes` is
-    its `passes`). Under `torch.distributed`, each rank passes its shard of the init batches and gets
+    its `passes`, default 2). Under `torch.distributed`, each rank passes its shard of the init batches and gets
     the same adapter.
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
     """
@@ -195,7 +195,7 @@ def get_lora_one_model(
         "normalisation": NORMALISATION[variant],
         "svd": svd if grad_mode == "accumulate" else f"{grad_mode} (top-r SVD in the gradient phase)",
         "grad_mode": grad_mode,
-        **({"sketch_passes": sketch_passes} if grad_mode == "sketch" else {}),
+        **({"sketch_passes": sketch_passes or DEFAULT_SKETCH_PASSES} if grad_mode == "sketch" else {}),
         "world_size": world_size(),
         "seed": seed,
         "init_samples": int(all_reduce_sum(torch.tensor([sum(_batch_size(b) for b in batches)], device=device)).item()),

@@ -31,14 +31,12 @@ def default_sizes(r: int, m: int, n: int, oversample: int | None = None) -> tupl
     """`(k, l)`: range and co-range sketch sizes for a top-`r` SVD of an `(m, n)` matrix.
 
     `k = r + oversample` (default `oversample = 3 r`), `l = 2 k + 1` as Tropp et al. recommend; both
-    capped by the matrix size. Measured on SmolLM2-135M one-step gradients (N = 64, r = 8; sigma_9 /
-    sigma_8 ~ 0.88, a slowly decaying tail): in one pass, relative error of the rank-r product `G_r`
-    median 3.7e-2 at `oversample = 3r`, 2.0e-2 at 5r; the strict top-8 subspace sine stays well above
-    1e-2 at any affordable k (the 8th and 9th directions are nearly tied). For more accuracy, raise
-    `oversample` or take more passes (`next_pass`): on 21 SmolLM2 layers (N = 8, default oversample)
-    the top-8 subspace sine median / max is 3.05e-1 / 6.10e-1 in one pass, 2.21e-3 / 1.41e-2 in two and
-    2.51e-4 / 1.59e-3 in three; the `G_r` error 5.01e-2 / 1.73e-1, 4.94e-4 / 3.18e-3 and 1.45e-5 / 1.74e-4.
-    Where memory allows, `accumulate` mode is exact.
+    capped by the matrix size. Measured on SmolLM2-135M one-step gradients (N = 64, r = 8, 70 layers;
+    sigma_9 / sigma_8 ~ 0.88, a slowly decaying tail), top-8 subspace sine median / max: 2.0e-1 / 1.0
+    in one pass, 1.1e-3 / 4.5e-3 in two (the default of `estimate_gradients`), 6.9e-5 / 5.2e-4 in
+    three; relative error of the rank-r product `G_r` 3.6e-2 / 2.2e-1, 3.3e-4 / 2.6e-3 and
+    5.4e-6 / 8.0e-5 (benchmarks/results/init_cost.txt). Raising `oversample` helps one pass less than
+    a second pass does (`G_r` error 2.0e-2 at `oversample = 5r`).
     """
     check_rank((m, n), r)
     k = min(r + (3 * r if oversample is None else oversample), m, n)

@@ -115,3 +115,24 @@ def test_weight_that_cannot_take_a_gradient(llama):
     q.weight = torch.nn.Parameter(q.weight.to(torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match="cannot take a gradient"):
         estimate_gradients(llama, lm_batches(), progress=False)
+
+
+def test_batches_are_iterated_once_per_pass(llama):
+    """A progress bar must not start a second iteration (a DataLoader would re-spawn its workers and
+    draw its seed from the global RNG twice)."""
+
+    class Counting:
+        def __init__(self, batches):
+            self.batches, self.iterations = batches, 0
+
+        def __iter__(self):
+            self.iterations += 1
+            return iter(self.batches)
+
+        def __len__(self):
+            return len(self.batches)
+
+    for mode, kwargs, passes in (("accumulate", {}, 1), ("sketch", {"rank": 2, "passes": 2}, 2)):
+        batches = Counting(lm_batches())
+        estimate_gradients(llama, batches, progress=True, mode=mode, **kwargs)
+        assert batches.iterations == passes, mode

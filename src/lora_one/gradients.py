@@ -200,8 +200,10 @@ def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _backward_pass(model: nn.Module, batches: Iterable[Mapping], collector, mode: str, device) -> int:
-    """One forward and backward per batch, feeding the collector's hooks; returns this rank's batch count."""
+def _backward_pass(model: nn.Module, batches: Iterable[Mapping], collector, mode: str, device, bar) -> int:
+    """One forward and backward per batch, feeding the collector's hooks; returns this rank's batch count.
+    The bar is updated by hand: `tqdm.auto` wrapping `batches` would iterate them twice (a DataLoader
+    would start its workers twice and draw its seed twice from the global RNG)."""
     n_batches = 0
     for batch in batches:
         if "labels" not in batch:
@@ -221,6 +223,7 @@ def _backward_pass(model: nn.Module, batches: Iterable[Mapping], collector, mode
             raise ValueError(f"The loss of batch {n_batches} is {loss.item()}; check the data and labels.")
         loss.backward()
         n_batches += 1
+        bar.update(1)
     return n_batches
 
 
@@ -304,8 +307,9 @@ def estimate_gradients(
                 if p > 1:
                     collector.next_pass(n_total)
                 desc = f"one-step gradient ({mode}" + (f", pass {p}/{passes})" if passes > 1 else ")")
-                bar = tqdm(batches, desc=desc, unit="batch", disable=not (progress and is_main_process()))
-                n_pass = total(_backward_pass(model, bar, collector, mode, device))
+                size = len(batches) if hasattr(batches, "__len__") else None
+                with tqdm(total=size, desc=desc, unit="batch", disable=not (progress and is_main_process())) as bar:
+                    n_pass = total(_backward_pass(model, batches, collector, mode, device, bar))
                 if p > 1 and n_pass != n_total:
                     raise ValueError(
                         f"Pass {p} saw {n_pass} batches, pass 1 saw {n_total}: with passes > 1 the batches "

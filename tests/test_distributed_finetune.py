@@ -120,3 +120,18 @@ def test_two_processes_resume_a_one_process_checkpoint(tiny, tmp_path):
     stderr = launch(TORCHRUN, [*args, "--out", str(tmp_path / "two"), "--resume"])
     assert "written by 1 processes, this run has 2" in stderr
     assert_same_run(tmp_path / "two", tmp_path / "one", checkpoint="step-0000006.pt")
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "with FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "with DeepSpeed"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "no fp16"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "Pass --bf16"),
+])
+def test_launcher_settings_the_loop_would_ignore_are_refused(tiny, tmp_path, capsys, monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = ["finetune", "--model", tiny["llama"], "--data", tiny["qa"], "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

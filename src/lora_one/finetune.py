@@ -215,6 +215,7 @@ def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
     _check_settings(args)
     _complete_defaults(args)
     _check_out_dir(Path(args.out), args)  # on every rank, before rank 0 can write (it waits for all to join)
+    parallel.refuse_ignored_launch_settings(args.bf16)
     with parallel.process_group(args.device) as device:
         return _run(args, device, on_step, step0_eval)
 

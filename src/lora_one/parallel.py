@@ -51,6 +51,24 @@ def launched_world_size() -> int:
         raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; unset it or launch with torchrun.") from None
 
 
+def refuse_ignored_launch_settings(bf16: bool) -> None:
+    """Refuse `accelerate launch` settings that the fine-tuning loop would otherwise silently ignore:
+    it trains with DistributedDataParallel and reads its precision from its own `--bf16` flag."""
+    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                      ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
+        if os.environ.get(var, "").lower() == "true":
+            raise ValueError(
+                f"accelerate launch with {what}: lora-one finetune trains with DistributedDataParallel "
+                "(the full model on every process); launch with --multi_gpu, or with torchrun."
+            )
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision not in ("no", "bf16") or (precision == "bf16" and not bf16):
+        raise ValueError(
+            f"accelerate launch --mixed_precision {precision}: lora-one finetune takes its precision from "
+            "its own --bf16 flag (bfloat16 autocast; no fp16). Pass --bf16, or launch with --mixed_precision no."
+        )
+
+
 @contextmanager
 def process_group(device: str) -> Iterator[torch.device]:
     """Yield the device this process works on, inside the launcher's process group if there is one.

@@ -167,13 +167,6 @@ def test_bad_mode_arguments(llama):
                            variant="lora-ga", grad_mode="sketch")
 
 
-def test_quantised_weights_need_sketch_mode(llama):
-    q = llama.model.layers[0].self_attn.q_proj
-    q.weight = torch.nn.Parameter(q.weight.to(torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="Use mode='sketch'"):
-        estimate_gradients(llama, lm_batches(), progress=False)
-
-
 def test_sketch_mode_defaults_to_two_passes(llama):
     batches = lm_batches()
     default = estimate_gradients(llama, batches, progress=False, mode="sketch", rank=2)

@@ -111,10 +111,20 @@ def test_nan_loss(llama):
 
 
 def test_weight_that_cannot_take_a_gradient(llama):
+    """A quantised weight: the error names the problem and the fix (sketch mode needs no weight grad)."""
     q = llama.model.layers[0].self_attn.q_proj
     q.weight = torch.nn.Parameter(q.weight.to(torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="cannot take a gradient"):
+    with pytest.raises(ValueError, match="cannot take a gradient") as info:
         estimate_gradients(llama, lm_batches(), progress=False)
+    assert "Use mode='sketch'" in str(info.value)
+
+
+def test_sharded_weights_are_refused(llama):
+    """DeepSpeed ZeRO-3 marks its partitioned parameters with `ds_id`; their data is not the weight."""
+    llama.model.layers[0].self_attn.q_proj.weight.ds_id = 0
+    with pytest.raises(ValueError, match="sharded .FSDP or DeepSpeed ZeRO-3.") as info:
+        estimate_gradients(llama, lm_batches(), progress=False, mode="sketch", rank=2)
+    assert "torchrun/DDP" in str(info.value)
 
 
 def test_batches_are_iterated_once_per_pass(llama):

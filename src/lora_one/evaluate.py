@@ -47,6 +47,11 @@ def infer_choices(responses: Sequence[str]) -> list[str] | None:
     return None
 
 
+def parse_choices(text: str) -> list[str]:
+    """The `--choices` flag: a comma-separated label set, empty items dropped."""
+    return [c for c in text.split(",") if c.strip()]
+
+
 def match_choices(choices: Sequence[str], responses: Sequence[str]) -> list[str]:
     """Candidates in the form the data writes them (`location` given, ` location` in the data);
     every response must be one of them."""
@@ -170,15 +175,10 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_
     device = next(model.parameters()).device
     texts = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(batch):
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
+        ids, mask = _pad(prompts[start : start + batch_size], device, left=True)
+        width = ids.shape[1]
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
         texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
@@ -283,7 +283,7 @@ def cmd_eval(args) -> dict:
     choices = None
     if task == CAUSAL_LM:
         choices = (
-            [c for c in args.choices.split(",") if c.strip()] if args.choices
+            parse_choices(args.choices) if args.choices
             else meta.get("choices") or infer_choices([str(r[fields.response]) for r in records])
         )
     evaluator = make_evaluator(task, records, tokenizer, fields, args.max_length, chat_template, choices,

@@ -25,7 +25,8 @@ import torch
 from lora_one import embedded_data, parallel
 from lora_one.config import config_aware, resolve, settings_of
 from lora_one.data import init_batches, init_sample_indices, read_records
-from lora_one.evaluate import infer_choices, make_evaluator
+from lora_one.evaluate import infer_choices, make_evaluator, parse_choices
+from lora_one.load import default_device
 from lora_one.init import get_lora_one_model
 from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, resolve_model_path
 from lora_one.optim import DEFAULT_REG
@@ -152,7 +153,7 @@ def _complete_defaults(args) -> None:
         if split in ("", "train"):
             args.eval_data = f"{name}:val"
     if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = default_device().type
 
 
 def _check_out_dir(out: Path, args) -> None:
@@ -240,7 +241,7 @@ def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
     choices = None
     if task == CAUSAL_LM:
         responses = [str(r[fields.response]) for r in records]
-        choices = [c for c in args.choices.split(",") if c.strip()] if args.choices else infer_choices(responses)
+        choices = parse_choices(args.choices) if args.choices else infer_choices(responses)
     evaluator = None
     if eval_records is not None:
         evaluator = make_evaluator(task, eval_records, tokenizer, fields, args.max_length, args.chat_template,

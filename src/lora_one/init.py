@@ -72,9 +72,10 @@ def init_lora_one(
     """Overwrite `lora_A`/`lora_B` of every LoRA layer with `variant`'s step-0 factors.
 
     `gradients` maps layer names (as `estimate_gradients` returns them) to `G = dL/dW` or its top-r
-    SVD (`single-batch` and `sketch` modes; `lora-ga` needs the full `G`); `pissa` and `lora` need none. Variants in `BASE_CHANGING_VARIANTS` also rewrite the base weight so that the
-    model's function is unchanged at step 0. Returns per-layer statistics: `sigma_1` of `-G` (for the
-    gradient variants) and the relative update `||s B A||_F / ||W||_F`.
+    SVD (`single-batch` and `sketch` modes; `lora-ga` needs the full `G`); `pissa` and `lora` need
+    none. Variants in `BASE_CHANGING_VARIANTS` also rewrite the base weight so that the model's
+    function is unchanged at step 0. Returns per-layer statistics: `sigma_1` of `-G` (for the gradient
+    variants) and the relative update `||s B A||_F / ||W||_F`.
     """
     check_variant(variant)
     adapter = adapter_name or peft_model.active_adapter
@@ -164,8 +165,8 @@ def get_lora_one_model(
 
     The gradient is taken on the plain model before wrapping (LoRA would add nothing at step 0), in
     `grad_mode` (`accumulate`, `single-batch` or `sketch`, see `estimate_gradients`; `sketch_passes` is
-    its `passes`, default 2). Under `torch.distributed`, each rank passes its shard of the init batches and gets
-    the same adapter.
+    its `passes`, default 2). Under `torch.distributed`, each rank passes its shard of the init
+    batches and gets the same adapter.
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
     """
     check_variant(variant)
@@ -189,6 +190,8 @@ def get_lora_one_model(
     stats = init_lora_one(peft_model, gradients, variant, gamma, svd, seed, adapter_name)
     t2 = time.perf_counter()
     device = next(model.parameters()).device  # NCCL reduces on the GPU
+    local = torch.tensor([sum(_batch_size(b) for b in batches), len(batches)], device=device)
+    n_samples, n_batches = all_reduce_sum(local).tolist()  # over the ranks' shards
     peft_model.lora_one_metadata = {
         "variant": variant,
         "gamma": gamma,
@@ -198,8 +201,8 @@ def get_lora_one_model(
         **({"sketch_passes": sketch_passes or DEFAULT_SKETCH_PASSES} if grad_mode == "sketch" else {}),
         "world_size": world_size(),
         "seed": seed,
-        "init_samples": int(all_reduce_sum(torch.tensor([sum(_batch_size(b) for b in batches)], device=device)).item()),
-        "init_batches": int(all_reduce_sum(torch.tensor([len(batches)], device=device)).item()),
+        "init_samples": n_samples,
+        "init_batches": n_batches,
         "init_samples_sha256": hash_batches(batches),  # of this rank's shard under torch.distributed
         "base_changed": variant in BASE_CHANGING_VARIANTS,
         "gradient_seconds": round(grad_seconds, 4),

@@ -126,7 +126,8 @@ def lora_factors_and_spectrum(
       subtracts `s B A` from the base weight.
 
     Both factors of the first two are balanced (`B^T B == A A^T`), which the preconditioner likes.
-    Each singular pair's sign follows `canonical_signs`. Works in fp32 whatever the dtype of `G`; the caller casts to the adapter's dtype.
+    Each singular pair's sign follows `canonical_signs`. Works in fp32 whatever the dtype of `G`; the
+    caller casts to the adapter's dtype.
     """
     if variant not in GRADIENT_VARIANTS:
         raise ValueError(f"lora_factors computes {GRADIENT_VARIANTS}, not {variant!r}.")

@@ -57,7 +57,7 @@ DEMOS = {
 }
 # Settings that fix the step-0 model: runs that agree on them share the step-0 evaluation.
 INIT_KEYS = ("model", "data", "method", "rank", "alpha", "rslora", "gamma", "init_samples", "init_batch_size",
-             "target", "svd", "grad_mode", "seed", "head_init", "probe_samples", "probe_l2", "max_length")
+             "target", "svd", "grad_mode", "sketch_passes", "seed", "head_init", "probe_samples", "probe_l2", "max_length")
 
 
 def add_demo_parser(sub) -> None:

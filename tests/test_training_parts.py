@@ -10,8 +10,9 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import TYPES, one_thread, question_records, tiny_bert, tiny_llama  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_one.config import ConfigError, config_aware, resolve
+from lora_one.config import config_aware, resolve
 from lora_one.data import collate, loss_terms, prompt_ids, response_ids
+from lora_one.errors import UsageError
 from lora_one.evaluate import infer_choices, match_choices, score_candidates
 from lora_one.probe import fit_logistic, probe_head
 from lora_one.train import BatchOrder, TrainSettings, build_optimizer, rank_share
@@ -73,9 +74,9 @@ def test_config_precedence_and_checks(tmp_path):
     for text, message in [("lr: fast\n", "valid float"), ("steps: 2.5\n", "integer"), ("kind: c\n", "not one of"),
                           ("flag: 1\n", "true or false"), ("speed: 3\n", "unknown setting"), ("- 1\n", "mapping")]:
         cfg.write_text("model: m\n" + text if not text.startswith("-") else text)
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(UsageError, match=message):
             resolve(_parser().parse_args(["--config", str(cfg)]))
-    with pytest.raises(ConfigError, match="--model"):
+    with pytest.raises(UsageError, match="--model"):
         resolve(_parser().parse_args([]))
 
 

@@ -10,21 +10,25 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from lora_one.data import Fields, causal_lm_features, classification_features, init_batches, label_mapping, read_records
-from lora_one.gradients import MODES
+from lora_one.data import (
+    Fields,
+    causal_lm_features,
+    classification_features,
+    init_batches,
+    label_mapping,
+    read_records,
+)
 from lora_one.demo import add_demo_parser
+from lora_one.errors import UsageError
 from lora_one.evaluate import add_eval_parser
 from lora_one.finetune import add_finetune_parser
+from lora_one.gradients import MODES
 from lora_one.init import get_lora_one_model
 from lora_one.merge import add_merge_parser
 from lora_one.models import CAUSAL_LM, TASKS, infer_task, load_model, resolve_model_path
 from lora_one.save import save_adapter
 from lora_one.spectral import VARIANTS
 from lora_one.toys import add_toy_parser
-
-
-class UsageError(Exception):
-    """Bad input that the user fixes; printed without a traceback."""
 
 
 def add_model_data_args(p: argparse.ArgumentParser) -> None:
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except UsageError as e:
         if os.environ.get("LORA_ONE_DEBUG"):
             raise
         print(f"lora-one {args.command}: error: {e}", file=sys.stderr)

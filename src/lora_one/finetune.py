@@ -25,9 +25,10 @@ import torch
 from lora_one import embedded_data, parallel
 from lora_one.config import config_aware, resolve, settings_of
 from lora_one.data import init_batches, init_sample_indices, read_records
+from lora_one.errors import UsageError
 from lora_one.evaluate import infer_choices, make_evaluator, parse_choices
-from lora_one.load import default_device
 from lora_one.init import get_lora_one_model
+from lora_one.load import default_device
 from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, resolve_model_path
 from lora_one.optim import DEFAULT_REG
 from lora_one.plots import plot_loss
@@ -104,7 +105,7 @@ def finetune_args(**settings) -> argparse.Namespace:
     args = parser.parse_args(["finetune"])
     for key, value in settings.items():
         if key not in args._config_actions and key != "config":
-            raise ValueError(f"Unknown finetune setting {key!r}.")
+            raise UsageError(f"Unknown finetune setting {key!r}.")
         setattr(args, key, value)
     return resolve(args)
 
@@ -120,8 +121,6 @@ def train_settings_of(args) -> TrainSettings:
 
 
 def _check_settings(args) -> None:
-    from lora_one.cli import UsageError  # noqa: PLC0415
-
     train_settings_of(args).check()
     problems = []
     if args.rank < 1:
@@ -158,8 +157,6 @@ def _complete_defaults(args) -> None:
 
 def _check_out_dir(out: Path, args) -> None:
     """Refuse an --out that holds something, unless --overwrite, or --resume of the same run."""
-    from lora_one.cli import UsageError  # noqa: PLC0415
-
     current = settings_of(args)
     if args.resume:
         if not (out / ARGS).is_file():
@@ -199,7 +196,7 @@ def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     random.Random(seed).shuffle(idx)
     n_eval = round(fraction * n)
     if not 0 < n_eval < n:
-        raise ValueError(f"--eval-split {fraction} of {n} records leaves an empty part; change it.")
+        raise UsageError(f"--eval-split {fraction} of {n} records leaves an empty part; change it.")
     return sorted(idx[n_eval:]), sorted(idx[:n_eval])
 
 

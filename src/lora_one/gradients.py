@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lora_one.errors import UsageError
 from lora_one.parallel import all_reduce_sum, is_main_process, world_size
 from lora_one.sketch import GradientSketch, default_sizes, test_matrix
 from lora_one.spectral import TopSVD, randomized_svd
@@ -45,7 +46,7 @@ def _refuse_sharded_weights(model: nn.Module, weights: dict[str, nn.Parameter]) 
     for w in weights.values():
         sharded |= hasattr(w, "ds_id") or type(w.data).__name__ == "DTensor"
     if sharded:
-        raise ValueError(
+        raise UsageError(
             "The target weights are sharded (FSDP or DeepSpeed ZeRO-3), which estimate_gradients does "
             "not gather. Supported: one process, or data parallelism with full weights on every rank "
             "(torchrun/DDP, accelerate's multi-GPU). Run the LoRA-One init on the unsharded model, "
@@ -79,12 +80,12 @@ def _estimation_state(model: nn.Module, weights: dict[str, nn.Parameter], weight
 
 def _check(name: str, finite: bool, nonzero: bool) -> None:
     if not finite:
-        raise ValueError(
+        raise UsageError(
             f"The gradient of {name!r} contains NaN or Inf (an overflow in low precision? load "
             "the model in float32) - check the weights and the data."
         )
     if not nonzero:
-        raise ValueError(
+        raise UsageError(
             f"The gradient of {name!r} is exactly zero: the loss never reaches this layer. "
             "Leave it out of target_modules."
         )
@@ -163,7 +164,7 @@ class _Sketch:
             self.handles.append(m.register_forward_hook(self._forward_hook(name)))
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embeddings is None:
-            raise ValueError("mode='sketch' needs a model with get_input_embeddings() to start the backward.")
+            raise UsageError("mode='sketch' needs a model with get_input_embeddings() to start the backward.")
         # No weight takes a gradient, so make the embedding output a leaf of the graph: the backward
         # then computes input gradients only, as in LoRA training.
         self.handles.append(embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_(True)))
@@ -207,20 +208,20 @@ def _backward_pass(model: nn.Module, batches: Iterable[Mapping], collector, mode
     n_batches = 0
     for batch in batches:
         if "labels" not in batch:
-            raise ValueError(
+            raise UsageError(
                 "A batch has no 'labels': the one-step gradient needs the training loss. "
                 "Add labels (for a causal LM, input_ids with the prompt and padding set to -100)."
             )
         if n_batches == collector.max_batches:
-            raise ValueError(
+            raise UsageError(
                 f"mode={mode!r} needs all init samples in one micro-batch per rank, got more "
                 "batches; raise the batch size or use mode='accumulate' or 'sketch'."
             )
         loss = model(**_to_device(batch, device)).loss
         if loss is None:
-            raise ValueError("The model returned no .loss for a batch that has labels.")
+            raise UsageError("The model returned no .loss for a batch that has labels.")
         if not torch.isfinite(loss):
-            raise ValueError(f"The loss of batch {n_batches} is {loss.item()}; check the data and labels.")
+            raise UsageError(f"The loss of batch {n_batches} is {loss.item()}; check the data and labels.")
         loss.backward()
         n_batches += 1
         bar.update(1)
@@ -232,13 +233,13 @@ def _resolve_passes(passes, mode: str, batches) -> int:
     if passes is None:
         passes = DEFAULT_SKETCH_PASSES if mode == "sketch" else 1
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"passes must be an integer >= 1, got {passes!r}.")
+        raise UsageError(f"passes must be an integer >= 1, got {passes!r}.")
     if passes > 1 and mode != "sketch":
-        raise ValueError(
+        raise UsageError(
             f"passes={passes} (sketch passes) needs mode='sketch'; mode={mode!r} takes its gradient in one pass."
         )
     if passes > 1 and isinstance(batches, Iterator):  # a generator or other one-shot iterator
-        raise ValueError(
+        raise UsageError(
             f"passes={passes} iterates the batches {passes} times, but they are a one-shot iterator "
             "(e.g. a generator); pass a list or a DataLoader."
         )
@@ -279,9 +280,9 @@ def estimate_gradients(
         otherwise. Names are those of the base model's `named_modules()`.
     """
     if mode not in MODES:
-        raise ValueError(f"Unknown gradient mode {mode!r}; use one of {', '.join(MODES)}.")
+        raise UsageError(f"Unknown gradient mode {mode!r}; use one of {', '.join(MODES)}.")
     if mode != "accumulate" and not rank:
-        raise ValueError(f"mode={mode!r} needs the LoRA rank (rank=r) to size its SVD.")
+        raise UsageError(f"mode={mode!r} needs the LoRA rank (rank=r) to size its SVD.")
     passes = _resolve_passes(passes, mode, batches)
     targets = find_target_linears(model, target_modules)
     weights = {name: module.weight for name, module in targets.items()}
@@ -289,7 +290,7 @@ def estimate_gradients(
     if mode != "sketch":
         for name, w in weights.items():
             if not w.dtype.is_floating_point:
-                raise ValueError(
+                raise UsageError(
                     f"Layer {name!r} stores its weight as {w.dtype}, which cannot take a gradient (a "
                     "quantised base?). Use mode='sketch', which needs no weight gradient, or load the "
                     "model in float32/bfloat16."
@@ -311,12 +312,12 @@ def estimate_gradients(
                 with tqdm(total=size, desc=desc, unit="batch", disable=not (progress and is_main_process())) as bar:
                     n_pass = total(_backward_pass(model, batches, collector, mode, device, bar))
                 if p > 1 and n_pass != n_total:
-                    raise ValueError(
+                    raise UsageError(
                         f"Pass {p} saw {n_pass} batches, pass 1 saw {n_total}: with passes > 1 the batches "
                         "must yield the same data each time; pass a list or a DataLoader."
                     )
                 if n_pass == 0:
-                    raise ValueError("No batches were given: the one-step gradient needs at least one training batch.")
+                    raise UsageError("No batches were given: the one-step gradient needs at least one training batch.")
                 n_total = n_pass
         finally:
             for h in collector.handles:

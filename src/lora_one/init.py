@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
 from torch import nn
 
+from lora_one.errors import UsageError
 from lora_one.gradients import DEFAULT_SKETCH_PASSES, estimate_gradients
 from lora_one.parallel import all_reduce_sum, world_size
 from lora_one.spectral import (
@@ -41,7 +42,7 @@ NORMALISATION = {
 
 def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+        raise UsageError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
 
 
 def _normalise_name(name: str) -> str:
@@ -81,22 +82,22 @@ def init_lora_one(
     adapter = adapter_name or peft_model.active_adapter
     layers = lora_layers(peft_model)
     if not layers:
-        raise ValueError("The model has no LoRA layers; wrap it with peft.get_peft_model first.")
+        raise UsageError("The model has no LoRA layers; wrap it with peft.get_peft_model first.")
     grads = {_normalise_name(k): v for k, v in (gradients or {}).items()}
     for name, layer in layers.items():  # validate everything before touching any weight
         check_rank(tuple(layer.get_base_layer().weight.shape), layer.r[adapter], f"layer {name!r}")
         if variant in NEEDS_GRADIENT and name not in grads:
-            raise ValueError(
+            raise UsageError(
                 f"No gradient for LoRA layer {name!r}; estimate_gradients must cover the same "
                 "target_modules as the LoRA config."
             )
         if variant == "lora-ga" and not isinstance(grads[name], torch.Tensor):
-            raise ValueError(
+            raise UsageError(
                 "lora-ga runs PEFT's own implementation, which needs the full gradient; estimate it "
                 "with mode='accumulate'."
             )
     if not gamma > 0:
-        raise ValueError(f"gamma must be positive, got {gamma}.")
+        raise UsageError(f"gamma must be positive, got {gamma}.")
 
     stats = []
     with torch.random.fork_rng(devices=[]):  # PEFT's lora-ga and lora inits draw from the global RNG

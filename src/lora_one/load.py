@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, load_model, resolve_model_path
+from lora_one.errors import UsageError
+from lora_one.models import (
+    CAUSAL_LM,
+    CLASSIFICATION,
+    infer_task,
+    load_model,
+    resolve_model_path,
+)
 from lora_one.save import SIDECAR
 
 
@@ -20,7 +27,7 @@ def read_adapter_info(adapter_dir: str | Path) -> dict:
     """The `lora_one.json` sidecar of an adapter folder (`{}` for a plain PEFT adapter)."""
     folder = Path(adapter_dir)
     if not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{str(folder)!r} is not an adapter folder (no adapter_config.json).")
+        raise UsageError(f"{str(folder)!r} is not an adapter folder (no adapter_config.json).")
     sidecar = folder / SIDECAR
     meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     if "task" not in meta:
@@ -36,7 +43,7 @@ def load_for_eval(model: str, adapter_dir: str | Path | None = None, task: str |
     task = task or meta.get("task") or infer_task(resolve_model_path(model))
     label2id = meta.get("label2id")
     if task == CLASSIFICATION and not label2id:
-        raise ValueError(
+        raise UsageError(
             "Evaluating a classifier needs the adapter that trained its head, with the label names in "
             "its lora_one.json (give --adapter of a `lora-one finetune` run)."
         )

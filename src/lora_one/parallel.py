@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from lora_one.errors import UsageError
+
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -48,7 +50,7 @@ def launched_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; unset it or launch with torchrun.") from None
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; unset it or launch with torchrun.") from None
 
 
 def refuse_ignored_launch_settings(bf16: bool) -> None:
@@ -57,13 +59,13 @@ def refuse_ignored_launch_settings(bf16: bool) -> None:
     for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
                       ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
         if os.environ.get(var, "").lower() == "true":
-            raise ValueError(
+            raise UsageError(
                 f"accelerate launch with {what}: lora-one finetune trains with DistributedDataParallel "
                 "(the full model on every process); launch with --multi_gpu, or with torchrun."
             )
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if precision not in ("no", "bf16") or (precision == "bf16" and not bf16):
-        raise ValueError(
+        raise UsageError(
             f"accelerate launch --mixed_precision {precision}: lora-one finetune takes its precision from "
             "its own --bf16 flag (bfloat16 autocast; no fp16). Pass --bf16, or launch with --mixed_precision no."
         )
@@ -82,14 +84,14 @@ def process_group(device: str) -> Iterator[torch.device]:
         return
     if dev.type == "cuda":
         if dev.index is not None:
-            raise ValueError(
+            raise UsageError(
                 f"--device {device} under a multi-process launcher: each process uses cuda:LOCAL_RANK; "
                 "pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs."
             )
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
-        raise ValueError(f"--device {device}: data parallelism runs on cpu (gloo) or cuda (NCCL).")
+        raise UsageError(f"--device {device}: data parallelism runs on cpu (gloo) or cuda (NCCL).")
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         yield dev

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from lora_one.errors import UsageError
+
 
 def precondition(
     A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, reg: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the preconditioned `(grad_A, grad_B)`; raises if a solve is singular (never falls back)."""
     if reg < 0:
-        raise ValueError(f"preconditioner damping reg must be >= 0, got {reg}.")
+        raise UsageError(f"preconditioner damping reg must be >= 0, got {reg}.")
     r = A.shape[0]
     eye = torch.eye(r, dtype=torch.float32, device=A.device)
     Af, Bf = A.float(), B.float()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lora_one.data import collate
+from lora_one.errors import UsageError
 
 HEAD_NAMES = ("classifier", "score")
 
@@ -23,7 +24,7 @@ def classification_head(model: nn.Module) -> nn.Linear:
         head = getattr(model, name, None)
         if isinstance(head, nn.Linear):
             return head
-    raise ValueError(
+    raise UsageError(
         f"{type(model).__name__} has no single nn.Linear head named {' or '.join(HEAD_NAMES)}; "
         "use --head-init random for this model."
     )

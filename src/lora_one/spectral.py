@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_one.errors import UsageError
+
 # Variants whose factors come from the one-step gradient by a formula of ours.
 GRADIENT_VARIANTS = ("lora-one", "spectral", "lora-one-v1")
 # Variants whose step-0 adapter cancels against a modified base weight.
@@ -39,9 +41,9 @@ class TopSVD:
 
 def check_rank(shape: tuple[int, int], r: int, name: str = "matrix") -> None:
     if r < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got r={r}.")
+        raise UsageError(f"LoRA rank must be >= 1, got r={r}.")
     if r > min(shape):
-        raise ValueError(
+        raise UsageError(
             f"LoRA rank r={r} is larger than the smallest dimension of {name} {tuple(shape)}; "
             f"use r <= {min(shape)} or leave this layer out of target_modules."
         )
@@ -83,7 +85,7 @@ def top_svd(M: torch.Tensor, r: int, method: str = "randomized", seed: int = 0) 
         return randomized_svd(M, r, seed=seed)
     if method == "exact":
         return exact_svd(M, r)
-    raise ValueError(f"Unknown svd method {method!r}; use 'randomized' or 'exact'.")
+    raise UsageError(f"Unknown svd method {method!r}; use 'randomized' or 'exact'.")
 
 
 def canonical_signs(t: TopSVD) -> TopSVD:
@@ -130,18 +132,18 @@ def lora_factors_and_spectrum(
     caller casts to the adapter's dtype.
     """
     if variant not in GRADIENT_VARIANTS:
-        raise ValueError(f"lora_factors computes {GRADIENT_VARIANTS}, not {variant!r}.")
+        raise UsageError(f"lora_factors computes {GRADIENT_VARIANTS}, not {variant!r}.")
     if not gamma > 0:
-        raise ValueError(f"gamma must be positive, got {gamma}.")
+        raise UsageError(f"gamma must be positive, got {gamma}.")
     if isinstance(G, TopSVD):
         if G.S.numel() < r:
-            raise ValueError(f"the given SVD holds {G.S.numel()} triplets, fewer than r={r}.")
+            raise UsageError(f"the given SVD holds {G.S.numel()} triplets, fewer than r={r}.")
         t = TopSVD(G.U[:, :r].float(), G.S[:r].float(), G.Vh[:r].float())
     else:
         t = top_svd(G.float(), r, svd, seed)
     t = canonical_signs(t)
     if not t.S[0] > 0:
-        raise ValueError("the gradient is zero: this layer does not affect the loss.")
+        raise UsageError("the gradient is zero: this layer does not affect the loss.")
     if variant == "lora-one-v1":
         scale = t.U.shape[0] ** 0.25 / gamma**0.5
         return t.U * scale, t.Vh * scale, t.S

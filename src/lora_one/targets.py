@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from torch import nn
+
+from lora_one.errors import UsageError
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -44,7 +49,7 @@ def find_target_linears(model: nn.Module, target_modules=None) -> dict[str, nn.L
             if isinstance(m, nn.Linear) and check_target_module_exists(config, n)
         }
     if not targets:
-        raise ValueError(
+        raise UsageError(
             f"No nn.Linear layer of {type(base).__name__} matches target_modules={target_modules!r}. "
             "Use 'all-linear' or names from model.named_modules(), e.g. ['q_proj', 'v_proj']."
         )

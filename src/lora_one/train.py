@@ -40,6 +40,7 @@ from transformers import get_scheduler
 
 from lora_one import parallel
 from lora_one.data import collate, loss_terms
+from lora_one.errors import UsageError
 from lora_one.optim import DEFAULT_REG, create_optimizer
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -92,7 +93,7 @@ class TrainSettings:
         if not self.lora_plus_ratio > 0:
             problems.append(f"lora-plus-ratio must be > 0, got {self.lora_plus_ratio}")
         if problems:
-            raise ValueError("; ".join(problems) + ".")
+            raise UsageError("; ".join(problems) + ".")
 
     def total_steps(self, n_examples: int) -> int:
         if self.max_steps:
@@ -103,7 +104,7 @@ class TrainSettings:
     def warmup(self, total: int) -> int:
         n = self.warmup_steps or round(self.warmup_ratio * total)
         if n >= total:
-            raise ValueError(f"{n} warm-up steps leave nothing of the {total} training steps; lower the warm-up.")
+            raise UsageError(f"{n} warm-up steps leave nothing of the {total} training steps; lower the warm-up.")
         return n
 
 
@@ -156,7 +157,7 @@ class BatchOrder:
 
     def __init__(self, n_examples: int, batch_size: int, seed: int):
         if not n_examples:
-            raise ValueError("No training examples.")
+            raise UsageError("No training examples.")
         self.n, self.batch_size, self.seed = n_examples, batch_size, seed
         self.per_epoch = math.ceil(n_examples / batch_size)
         self._perm_epoch, self._perm = None, None
@@ -177,7 +178,7 @@ def rank_share(features: list[dict], idx: list[int], rank: int, world: int) -> t
     terms = [loss_terms(features[i]) for i in idx]
     total, mine = sum(terms), sum(terms[rank::world])
     if total == 0:
-        raise ValueError("A training micro-batch has no tokens to predict; check the data's responses.")
+        raise UsageError("A training micro-batch has no tokens to predict; check the data's responses.")
     if mine == 0:
         return [features[idx[terms.index(max(terms))]]], 0.0
     return [features[i] for i in idx[rank::world]], mine * world / total
@@ -263,7 +264,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
     if missing:
-        raise ValueError(f"Checkpoint {ckpt} does not match this model's trainable parameters ({sorted(missing)[:3]} ...).")
+        raise UsageError(f"Checkpoint {ckpt} does not match this model's trainable parameters ({sorted(missing)[:3]} ...).")
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(value)
@@ -355,7 +356,7 @@ def train(
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
-            raise ValueError(f"--resume: {out} holds no checkpoint to resume from; run without --resume.")
+            raise UsageError(f"--resume: {out} holds no checkpoint to resume from; run without --resume.")
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         step = resumed_from = state["step"]
         for key, value in (checkpoint_extra or {}).items():
@@ -413,7 +414,7 @@ def train(
                     micro_losses[k] = loss.detach() * (weight / world)
                 micro_losses = parallel.all_reduce_sum(micro_losses)  # each micro-batch's mean loss
                 if not torch.isfinite(micro_losses).all():
-                    raise ValueError(
+                    raise UsageError(
                         f"The training loss became {micro_losses.tolist()} at step {step + 1}; lower the learning rate."
                     )
                 if s.max_grad_norm:

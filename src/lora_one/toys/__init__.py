@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from lora_one.errors import UsageError
+
 # name on the command line -> module in this package (each has TITLE and run(out, seed, quick) -> Report)
 EXPERIMENTS = {
     "alignment": "alignment",
@@ -27,7 +29,7 @@ DEFAULT_ROOT = Path("runs") / "toy"
 def run_experiment(name: str, out: Path | None = None, seed: int = 0, quick: bool = False):
     """Run one experiment, write its figures and `results.json` into `out`; return its Report."""
     if name not in EXPERIMENTS:
-        raise ValueError(f"Unknown toy experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} or all.")
+        raise UsageError(f"Unknown toy experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} or all.")
     import torch
 
     module = importlib.import_module(f"lora_one.toys.{EXPERIMENTS[name]}")

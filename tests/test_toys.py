@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lora_one.toys import EXPERIMENTS, add_toy_parser, main_toy, run_all
+from lora_one.toys.spectral_inits import paper_lora_ga
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -21,24 +22,33 @@ def toy_root(tmp_path_factory):
     return root
 
 
-# Claims that did not reproduce. They are reported (README, results.json), not weakened: the test
-# fails if one of them starts to hold (update the docs) or if any other claim breaks.
-NOT_REPRODUCED = {
-    ("spectral", "lora_ga_stays_far_above"): (
-        "PEFT 0.21's lora_ga_init scales lora_B by singular values r+1..2r of G; with rank(G) = 4 < r = 8 "
-        "those are round-off, so its LoRA-GA init degenerates to lora_B ~ 0 with lora_A aligned and converges"
-    ),
-}
-
-
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_experiment_claims_hold(toy_root, name):
     results = json.loads((toy_root / name / "results.json").read_text())
     assert results["experiment"] == name
     assert results["claims"], f"{name} checks no claim"
     failing = {c["name"]: c["evidence"] for c in results["claims"] if c["holds"] is not True}
-    known = {claim for (experiment, claim) in NOT_REPRODUCED if experiment == name}
-    assert set(failing) == known, f"claims of {name} that do not hold: {json.dumps(failing, indent=1)[:3000]}"
+    assert not failing, f"claims of {name} that do not hold: {json.dumps(failing, indent=1)[:3000]}"
+
+
+def test_paper_lora_ga_formula():
+    """The paper's LoRA-GA: orthonormal directions r+1..2r (B) and 1..r (A) of G, scaled, base W0 - B A."""
+    gen = torch.Generator().manual_seed(0)
+    out, inp, r, gamma = 12, 10, 3, 16.0
+    G = torch.randn(out, inp, generator=gen, dtype=torch.float64)
+    W0 = torch.randn(out, inp, generator=gen, dtype=torch.float64)
+    a = paper_lora_ga(G, W0, r, gamma)
+    c2 = out**0.5 / gamma  # (out^(1/4) / sqrt(gamma))^2
+    eye = torch.eye(r, dtype=torch.float64)
+    torch.testing.assert_close(a.B.mT @ a.B, c2 * eye)
+    torch.testing.assert_close(a.A @ a.A.mT, c2 * eye)
+    U, S, Vh = torch.linalg.svd(G)
+    # B spans the left singular directions r+1..2r (orthogonal to the top r); A spans the top-r right ones
+    torch.testing.assert_close(U[:, : 2 * r].mT @ a.B @ (U[:, r : 2 * r].mT @ a.B).inverse(),
+                               torch.cat([torch.zeros(r, r, dtype=torch.float64), eye]))
+    torch.testing.assert_close((a.A @ Vh[:r].mT).abs(), c2**0.5 * eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.weight, W0)  # the function is unchanged at step 0
+    assert a.scale == 1.0
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))

@@ -118,7 +118,7 @@ def cmd_init(args) -> None:
     peft_model = get_lora_one_model(
         model, lora_config_of(args, task), batches, variant=args.variant, gamma=args.gamma,
         svd=args.svd, seed=args.seed, grad_mode=args.grad_mode, offload=args.offload,
-        sketch_passes=args.sketch_passes,
+        sketch_passes=args.sketch_passes, num_samples=None,  # the batches hold exactly --init-samples
     )
     meta = peft_model.lora_one_metadata
     print_layer_table(meta["layers"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_one.errors import UsageError
+from lora_one.files import check_out_folder, write_text_atomic
 from lora_one.finetune import finetune_args, run_finetune
 from lora_one.plots import plot_comparison
 
@@ -82,6 +83,7 @@ def run_demo(task: str = "trec", out: str | Path | None = None, seed: int = 0, s
     unknown = [m for m in names if m not in demo.methods]
     if unknown:
         raise UsageError(f"Unknown demo method(s) {unknown}; choose from {list(demo.methods)}.")
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runs, step0_cache = {}, {}
@@ -104,11 +106,11 @@ def run_demo(task: str = "trec", out: str | Path | None = None, seed: int = 0, s
         runs[name] = summary
     result = {"task": task, "model": demo.model, "data": demo.data, "test": demo.test, "seed": seed,
               "what": demo.what, "wall_seconds": round(time.perf_counter() - t_start, 3), "runs": runs}
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
     plot_comparison({n: r["metrics"] for n, r in runs.items()}, out / "comparison.png",
                     title=f"{demo.what} (held-out {demo.test}, seed {seed})")
     table = format_table(runs)
-    (out / "report.md").write_text(report_markdown(result, table))
+    write_text_atomic(out / "report.md", report_markdown(result, table))
     print("\n" + table)
     print(f"\nwrote {out / 'report.md'}, {out / 'comparison.png'} and the adapters in {out}/<method>/ "
           f"({result['wall_seconds']:.0f} s in all)")

@@ -34,6 +34,7 @@ from lora_one.data import (
     response_ids,
 )
 from lora_one.errors import UsageError
+from lora_one.files import write_text_atomic
 from lora_one.models import CAUSAL_LM
 
 MAX_CHOICES = 32
@@ -297,7 +298,6 @@ def cmd_eval(args) -> dict:
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     out = Path(args.out) if args.out else (Path(args.adapter) / "eval.json" if args.adapter else None)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")
     return results

@@ -258,7 +258,7 @@ def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
     peft_model = get_lora_one_model(
         model, lora_config_of(args, task), batches, variant=args.method, gamma=args.gamma, svd=args.svd,
         seed=args.seed, progress=not quiet, grad_mode=args.grad_mode, offload=args.offload,
-        sketch_passes=args.sketch_passes,
+        sketch_passes=args.sketch_passes, num_samples=None,  # the shards hold exactly --init-samples
     )
     init_seconds = time.perf_counter() - t0
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

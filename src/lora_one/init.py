@@ -17,7 +17,14 @@ from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
 from torch import nn
 
 from lora_one.errors import UsageError
-from lora_one.gradients import DEFAULT_SKETCH_PASSES, estimate_gradients
+from lora_one.gradients import (
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_SKETCH_PASSES,
+    TrainStep,
+    estimate_gradients,
+    examples_in,
+    init_samples,
+)
 from lora_one.parallel import all_reduce_sum, world_size
 from lora_one.spectral import (
     BASE_CHANGING_VARIANTS,
@@ -161,25 +168,31 @@ def get_lora_one_model(
     grad_mode: str = "accumulate",
     offload: bool = False,
     sketch_passes: int | None = None,
+    num_samples: int | None = DEFAULT_NUM_SAMPLES,
+    train_step: TrainStep | None = None,
 ) -> PeftModel:
     """Estimate the one-step gradient on `batches`, wrap `model` with PEFT, initialise the adapter.
 
     The gradient is taken on the plain model before wrapping (LoRA would add nothing at step 0), in
     `grad_mode` (`accumulate`, `single-batch` or `sketch`, see `estimate_gradients`; `sketch_passes` is
-    its `passes`, default 2). Under `torch.distributed`, each rank passes its shard of the init
-    batches and gets the same adapter.
+    its `passes`, default 2) on `num_samples` examples of `batches` over all ranks (default 8; `None`:
+    all of them) and with `train_step`, both as `estimate_gradients` takes them. Under
+    `torch.distributed`, each rank passes its own batches and gets the same adapter.
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
     """
     check_variant(variant)
     for name, linear in find_target_linears(model, lora_config.target_modules).items():
-        check_rank(tuple(linear.weight.shape), lora_config.r, f"layer {name!r}")
-    batches = list(batches) if batches is not None else []
+        check_rank((linear.out_features, linear.in_features), lora_config.r, f"layer {name!r}")
+    device = next(model.parameters()).device  # NCCL reduces on the GPU
+    # taken once, so that the sidecar records exactly the samples of the gradient
+    batches = init_samples(batches, num_samples, device) if batches is not None else []
     gradients = None
     t0 = time.perf_counter()
     if variant in NEEDS_GRADIENT:
         gradients = estimate_gradients(
             model, batches, lora_config.target_modules, progress=progress, mode=grad_mode,
-            offload=offload, rank=lora_config.r, seed=seed, passes=sketch_passes,
+            offload=offload, rank=lora_config.r, seed=seed, passes=sketch_passes, num_samples=None,
+            train_step=train_step,
         )
     grad_seconds = time.perf_counter() - t0
     config = copy.deepcopy(lora_config)
@@ -190,8 +203,7 @@ def get_lora_one_model(
     t1 = time.perf_counter()  # the SVD phase starts after PEFT's wrapping
     stats = init_lora_one(peft_model, gradients, variant, gamma, svd, seed, adapter_name)
     t2 = time.perf_counter()
-    device = next(model.parameters()).device  # NCCL reduces on the GPU
-    local = torch.tensor([sum(_batch_size(b) for b in batches), len(batches)], device=device)
+    local = torch.tensor([sum(examples_in(b) for b in batches), len(batches)], device=device)
     n_samples, n_batches = all_reduce_sum(local).tolist()  # over the ranks' shards
     peft_model.lora_one_metadata = {
         "variant": variant,
@@ -211,9 +223,4 @@ def get_lora_one_model(
         "layers": stats,
     }
     return peft_model
-
-
-def _batch_size(batch: Mapping) -> int:
-    labels = batch.get("labels")
-    return int(labels.shape[0]) if isinstance(labels, torch.Tensor) and labels.ndim else 1
 

@@ -6,17 +6,23 @@ from pathlib import Path
 
 import torch
 
+from lora_one.files import MODEL, staged_folder
+
 
 def merge_adapter(model: str, adapter_dir: str | Path, out_dir: str | Path, task: str | None = None) -> Path:
-    """Save `base + adapter` as an ordinary model folder (weights merged, no PEFT needed to load it)."""
+    """Save `base + adapter` as an ordinary model folder (weights merged, no PEFT needed to load it).
+
+    Published by `lora_one.files`' rules: into an existing folder only our files move, an older
+    save's weight shards go, and `config.json` comes last.
+    """
     from lora_one.load import load_for_eval  # noqa: PLC0415
 
     peft_model, tokenizer, task, _ = load_for_eval(model, adapter_dir, task, device=torch.device("cpu"))
     merged = peft_model.merge_and_unload()
-    out = Path(out_dir)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    with staged_folder(out_dir, MODEL) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
 
 
 def add_merge_parser(sub) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from transformers import (
 )
 
 from lora_one.errors import UsageError
+from lora_one.files import MODEL, staged_folder
 
 CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
 TASKS = (CAUSAL_LM, CLASSIFICATION)
@@ -50,15 +49,9 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with staged_folder(dest, MODEL) as tmp:  # a half-converted folder never looks complete
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.rename(dest)  # atomic: a half-converted folder never looks complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_model_path(name_or_path: str) -> Path:

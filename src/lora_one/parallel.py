@@ -45,6 +45,27 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@contextmanager
+def raise_together(device: torch.device) -> Iterator[None]:
+    """A `UsageError` raised in the block on any rank is raised on every rank, with the message of the
+    first rank that raised, so that no rank is left waiting in a later collective for one that left.
+    Every rank must run the block: it ends with one all-reduce (and a gather of the messages on error)."""
+    if not distributed():
+        yield
+        return
+    error = None
+    try:
+        yield
+    except UsageError as e:
+        error = e
+    if not all_reduce_sum(torch.tensor([float(error is not None)], device=device)).item():
+        return
+    messages = [None] * world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    first = next(r for r, m in enumerate(messages) if m is not None)
+    raise UsageError(f"rank {first} of {len(messages)}: {messages[first]}") from error
+
+
 def launched_world_size() -> int:
     """The number of processes a launcher started (1 when run as a plain command)."""
     try:

@@ -9,10 +9,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lora_one.files import replacing  # noqa: E402
+
 
 def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(m["step"], m[key]) for m in metrics if key in m]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def _save(fig, path: str | Path) -> None:
+    try:
+        with replacing(path) as tmp:  # atomic: a crash never leaves half a PNG
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def plot_loss(metrics: list[dict], path: str | Path, title: str = "") -> Path:
@@ -26,8 +36,7 @@ def plot_loss(metrics: list[dict], path: str | Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)
 
 
@@ -45,6 +54,5 @@ def plot_comparison(runs: dict[str, list[dict]], path: str | Path, metric: str =
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return Path(path)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 from peft import PeftModel, set_peft_model_state_dict
 
+from lora_one.files import ADAPTER, staged_folder
 from lora_one.parallel import is_main_process
 
 SIDECAR = "lora_one.json"
@@ -36,8 +36,9 @@ def save_adapter(peft_model: PeftModel, out_dir: str | os.PathLike, extra: dict 
     For variants that rewrote the base weight (`lora-one-v1`, `lora-ga`, `pissa`) this is PEFT's
     converted rank-2r adapter (`path_initial_model_for_weight_conversion`), so the saved folder always
     loads with `PeftModel.from_pretrained(original_base, out_dir)`. Only rank 0 of a distributed job
-    writes. The folder is written to a temporary sibling and renamed into place, so an interrupted save
-    never leaves a folder that looks complete.
+    writes. The files are written to a temporary sibling and published by `lora_one.files`' rules: an
+    existing `out_dir` keeps every file that is not ours, and `adapter_config.json` comes last, so an
+    interrupted save never leaves a folder that looks complete.
     """
     out = Path(out_dir)
     if not is_main_process():  # under torch.distributed every rank holds the same adapter
@@ -47,9 +48,7 @@ def save_adapter(peft_model: PeftModel, out_dir: str | os.PathLike, extra: dict 
     meta.update(extra or {})
     meta["lora_one_version"] = version("lora-one")
     meta["peft_version"] = version("peft")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out, ADAPTER) as tmp:
         initial = getattr(peft_model, "lora_one_initial_state", None)
         if initial is not None:
             with tempfile.TemporaryDirectory() as conv:
@@ -64,10 +63,4 @@ def save_adapter(peft_model: PeftModel, out_dir: str | os.PathLike, extra: dict 
         else:
             peft_model.save_pretrained(str(tmp), selected_adapters=[adapter])
         (tmp / SIDECAR).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -41,6 +39,7 @@ from transformers import get_scheduler
 from lora_one import parallel
 from lora_one.data import collate, loss_terms
 from lora_one.errors import UsageError
+from lora_one.files import replacing, write_text_atomic
 from lora_one.optim import DEFAULT_REG, create_optimizer
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -244,15 +243,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, extra
     final = folder / f"step-{step:07d}.pt"
     if not parallel.is_main_process():
         return final
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".step-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(final) as tmp:
+        torch.save(state, tmp)
     for old in folder.glob("step-*.pt"):
         if old != final:
             old.unlink(missing_ok=True)
@@ -295,9 +287,7 @@ class MetricsLog:
         if keep_until is not None and path.exists():
             with path.open(encoding="utf-8") as f:
                 self.entries = [e for e in map(json.loads, filter(str.strip, f)) if e["step"] <= keep_until]
-        with path.open("w", encoding="utf-8") as f:
-            for e in self.entries:
-                f.write(json.dumps(e) + "\n")
+        write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in self.entries))
 
     def log(self, entry: dict) -> None:
         self.entries.append(entry)

@@ -14,6 +14,7 @@ import signal
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama, write_jsonl  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -102,14 +103,15 @@ def _weights(out):
     return load_file(str(out / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("kind", ["causal", "classification"])
-def test_interrupt_and_resume_gives_the_uninterrupted_adapter(tiny, tmp_path, capsys, kind):
+@pytest.mark.parametrize("kind,method", [("causal", "lora-one"), ("causal", "pissa"), ("classification", "lora-one")])
+def test_interrupt_and_resume_gives_the_uninterrupted_adapter(tiny, tmp_path, capsys, monkeypatch, kind, method):
     make = qa_args if kind == "causal" else sent_args
-    settings = ["--max-steps", "7", "--save-every", "5", "--eval-every", "2", "--grad-accum", "2", "--lr", "5e-3"]
+    settings = ["--max-steps", "7", "--save-every", "5", "--eval-every", "2", "--grad-accum", "2", "--lr", "5e-3",
+                "--method", method]  # pissa: a base-changing variant, its residual base rebuilt on resume
     if kind == "causal":
-        settings += ["--precondition", "--method", "lora-one-v1"]  # a base-changing variant
+        settings += ["--precondition"]
     else:
-        settings += ["--head-init", "probe"]  # the resumed run refits the same head
+        settings += ["--head-init", "probe"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(make(tiny, full, *settings)) == 0
 
@@ -125,12 +127,46 @@ def test_interrupt_and_resume_gives_the_uninterrupted_adapter(tiny, tmp_path, ca
     assert "--resume" in capsys.readouterr().err
     assert not (cut / "adapter_model.safetensors").exists()
 
+    def init_again(*args, **kwargs):
+        raise AssertionError("--resume must restore the step-0 adapter from the checkpoint, not redo the init")
+
+    monkeypatch.setattr("lora_one.init.estimate_gradients", init_again)
+    monkeypatch.setattr(LoraLayer, "pissa_init", init_again)
+    monkeypatch.setattr("lora_one.finetune.probe_head", init_again)
     assert main(make(tiny, cut, *settings, "--resume")) == 0
     a, b = _weights(full), _weights(cut)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert read_metrics(full) == read_metrics(cut)
+    timings = ("training", "gradient_seconds", "svd_seconds")
+    sidecars = [{k: v for k, v in json.loads((o / "lora_one.json").read_text()).items() if k not in timings}
+                for o in (full, cut)]
+    assert sidecars[0] == sidecars[1]
+
+
+class RunsCode:
+    """Unpickling this calls `open(path, "w")`: any code could run in its place."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_resume_refuses_a_checkpoint_that_could_run_code(tiny, tmp_path, capsys):
+    out, ran = tmp_path / "run", tmp_path / "code-ran"
+    assert main(qa_args(tiny, out, "--max-steps", "3", "--save-every", "2")) == 0
+    ckpt = out / "checkpoints" / "step-0000003.pt"
+    state = torch.load(ckpt, weights_only=True)  # what we write loads safely
+    state["note"] = RunsCode(ran)
+    torch.save(state, ckpt)
+    assert main(qa_args(tiny, out, "--max-steps", "3", "--save-every", "2", "--resume")) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "could run code" in errors[0] and str(ckpt) in errors[0] and "Traceback" not in err
+    assert not ran.exists()
 
 
 def test_resume_refuses_other_settings_and_out_needs_overwrite(tiny, tmp_path, capsys):

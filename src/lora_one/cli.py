@@ -21,6 +21,7 @@ from lora_one.data import (
 from lora_one.demo import add_demo_parser
 from lora_one.errors import UsageError
 from lora_one.evaluate import add_eval_parser
+from lora_one.files import check_out_folder
 from lora_one.finetune import add_finetune_parser
 from lora_one.gradients import MODES
 from lora_one.init import get_lora_one_model
@@ -70,6 +71,8 @@ def target_modules_of(args):
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an --out that cannot be a folder of outputs or holds files (unless --overwrite)."""
+    check_out_folder(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {str(out)!r} exists and is not empty; pass --overwrite or choose another folder.")
 

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,30 +24,33 @@ from lora_one.config import config_aware, resolve, settings_of
 from lora_one.data import init_batches, init_sample_indices, read_records
 from lora_one.errors import UsageError
 from lora_one.evaluate import infer_choices, make_evaluator, parse_choices
-from lora_one.init import get_lora_one_model
+from lora_one.files import ADAPTER, check_out_folder, remove_ours, write_text_atomic
+from lora_one.init import get_lora_one_model, lora_one_state, restore_lora_one
 from lora_one.load import default_device
 from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, resolve_model_path
 from lora_one.optim import DEFAULT_REG
 from lora_one.plots import plot_loss
 from lora_one.probe import probe_head
-from lora_one.save import save_adapter
+from lora_one.save import SIDECAR, save_adapter
 from lora_one.spectral import VARIANTS
 from lora_one.train import (
+    CHECKPOINTS,
+    METRICS,
     SCHEDULES,
     TrainingInterrupted,
     TrainSettings,
     latest_checkpoint,
-    state_sha256,
+    read_checkpoint,
     train,
-    trainable_state,
 )
 
 ARGS = "args.json"
 # Settings that may change between a run and its --resume without changing the result.
 RESUME_FREE = ("resume", "overwrite", "save_every", "quiet", "eval_batch_size", "device", "offload")
-# What a run folder holds; --overwrite deletes exactly these.
-RUN_FILES = (ARGS, "metrics.jsonl", "loss.png", "checkpoints", "adapter_config.json",
-             "adapter_model.safetensors", "lora_one.json", "README.md", "eval.json")
+# The files of a run in its folder, which --overwrite deletes (and nothing else), the adapter's marker
+# first so the folder never looks like a finished run; a README.md is left alone (it may be the user's).
+RUN_FILES = (ADAPTER.marker, *ADAPTER.stale, SIDECAR, ARGS, METRICS, "loss.png", "eval.json",
+             f"{CHECKPOINTS}/step-*.pt", f"{CHECKPOINTS}/.step-*")
 
 
 def add_finetune_parser(sub) -> argparse.ArgumentParser:
@@ -157,6 +157,7 @@ def _complete_defaults(args) -> None:
 
 def _check_out_dir(out: Path, args) -> None:
     """Refuse an --out that holds something, unless --overwrite, or --resume of the same run."""
+    check_out_folder(out)
     current = settings_of(args)
     if args.resume:
         if not (out / ARGS).is_file():
@@ -180,15 +181,9 @@ def _check_out_dir(out: Path, args) -> None:
 
 
 def _start_out_dir(out: Path, args) -> None:
-    """Delete the files of an earlier run in --out (if any) and record this run's settings."""
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ARGS).write_text(json.dumps(settings_of(args), indent=2) + "\n")
+    """Delete the files of an earlier run in --out (if any; only RUN_FILES) and record this run's settings."""
+    remove_ours(out, RUN_FILES)
+    write_text_atomic(out / ARGS, json.dumps(settings_of(args), indent=2) + "\n")
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -198,14 +193,6 @@ def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     if not 0 < n_eval < n:
         raise UsageError(f"--eval-split {fraction} of {n} records leaves an empty part; change it.")
     return sorted(idx[n_eval:]), sorted(idx[:n_eval])
-
-
-def _save_into(peft_model, out: Path, extra: dict) -> None:
-    """`save_adapter` into the run folder without touching the run's other files."""
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        saved = save_adapter(peft_model, Path(tmp) / "adapter", extra=extra)
-        for f in saved.iterdir():
-            os.replace(f, out / f.name)
 
 
 def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
@@ -249,17 +236,25 @@ def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
         _start_out_dir(out, args)
 
     t0 = time.perf_counter()
-    probe_info = {}
-    if task == CLASSIFICATION and args.head_init == "probe":
-        probe_info = probe_head(model, feats, pad_id, args.probe_samples, args.seed, args.probe_l2)
-    probe_seconds = time.perf_counter() - t0
-    batches = init_batches(feats, args.init_samples, args.init_batch_size, args.seed, pad_id)
-    batches = batches[parallel.rank() :: parallel.world_size()]  # this rank's shard of the init samples
-    peft_model = get_lora_one_model(
-        model, lora_config_of(args, task), batches, variant=args.method, gamma=args.gamma, svd=args.svd,
-        seed=args.seed, progress=not quiet, grad_mode=args.grad_mode, offload=args.offload,
-        sketch_passes=args.sketch_passes, num_samples=None,  # the shards hold exactly --init-samples
-    )
+    if args.resume:  # the step-0 adapter is in the checkpoint: no probe, no gradient pass, no SVD
+        saved = read_checkpoint(latest_checkpoint(out))
+        if "init" not in saved:
+            raise UsageError(f"--resume: the checkpoint in {str(out)!r} predates stored step-0 adapters; start "
+                             "again with --overwrite.")
+        peft_model = restore_lora_one(model, lora_config_of(args, task), saved["init"])
+        probe_info, probe_seconds = saved["probe"], 0.0
+    else:
+        probe_info = {}
+        if task == CLASSIFICATION and args.head_init == "probe":
+            probe_info = probe_head(model, feats, pad_id, args.probe_samples, args.seed, args.probe_l2)
+        probe_seconds = time.perf_counter() - t0
+        batches = init_batches(feats, args.init_samples, args.init_batch_size, args.seed, pad_id)
+        batches = batches[parallel.rank() :: parallel.world_size()]  # this rank's shard of the init samples
+        peft_model = get_lora_one_model(
+            model, lora_config_of(args, task), batches, variant=args.method, gamma=args.gamma, svd=args.svd,
+            seed=args.seed, progress=not quiet, grad_mode=args.grad_mode, offload=args.offload,
+            sketch_passes=args.sketch_passes, num_samples=None,  # the shards hold exactly --init-samples
+        )
     init_seconds = time.perf_counter() - t0
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if main:
@@ -267,7 +262,7 @@ def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
               f"(probe {probe_seconds:.1f} s), {trainable:,} trainable parameters", flush=True)
 
     settings = train_settings_of(args)
-    extra = {"init_sha256": state_sha256(trainable_state(peft_model))}
+    extra = {"init": lora_one_state(peft_model), "probe": probe_info}  # what --resume restores
     resume_hint = f"lora-one finetune --config {out / ARGS} --resume"
     try:
         result = train(peft_model, feats, pad_id, settings, out, evaluator, resume=args.resume,
@@ -313,7 +308,7 @@ def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
         "training": {k: v for k, v in summary.items() if k not in ("metrics", "out", "rank")},
     }
     if main:
-        _save_into(peft_model, out, meta)
+        save_adapter(peft_model, out, meta)  # into the run folder: its other files stay
         plot_loss(result.metrics, out / "loss.png", title=f"{args.method}{' + precond' if args.precondition else ''}")
     parallel.barrier()  # the other ranks wait for the files, so the job ends when they are written
     return summary

@@ -67,6 +67,22 @@ def _initial_state(peft_model: PeftModel, adapter: str) -> dict[str, torch.Tenso
     }
 
 
+def _keep_initial_state(peft_model: PeftModel, adapter: str, variant: str) -> None:
+    peft_model.lora_one_initial_state = (
+        _initial_state(peft_model, adapter) if variant in BASE_CHANGING_VARIANTS else None
+    )
+
+
+def _subtract_adapter(layer, adapter: str, variant: str) -> None:
+    """Base weight `W <- W - s B A` from the layer's factors, in fp32 and cast back, in the operation
+    order of the init that made it (PEFT's pissa scales `B` before the product; PEFT's lora-ga and our
+    lora-one-v1 scale the product), so a restored residual base is bit-identical."""
+    base = layer.get_base_layer()
+    B, A, s = layer.lora_B[adapter].weight.float(), layer.lora_A[adapter].weight.float(), layer.scaling[adapter]
+    delta = (s * B) @ A if variant == "pissa" else s * (B @ A)
+    base.weight.copy_((base.weight.float() - delta).to(base.weight.dtype))
+
+
 @torch.no_grad()
 def init_lora_one(
     peft_model: PeftModel,
@@ -120,7 +136,7 @@ def init_lora_one(
                 lora_A.copy_(A.to(lora_A.dtype))
                 lora_B.copy_(B.to(lora_B.dtype))
                 if variant == "lora-one-v1":
-                    base.weight.copy_((base.weight.float() - s * (B @ A)).to(base.weight.dtype))
+                    _subtract_adapter(layer, adapter, variant)
             elif variant == "lora-ga":
                 base._peft_loraga_grad = grads[name].to(base.weight.device)
                 layer.lora_ga_init(adapter, LoraGAConfig(stable_gamma=gamma))  # deletes the attribute
@@ -137,10 +153,58 @@ def init_lora_one(
                     "relative_update": float(delta.norm() / base.weight.float().norm()),
                 }
             )
-    peft_model.lora_one_initial_state = (
-        _initial_state(peft_model, adapter) if variant in BASE_CHANGING_VARIANTS else None
-    )
+    _keep_initial_state(peft_model, adapter, variant)
     return stats
+
+
+def lora_one_state(peft_model: PeftModel) -> dict:
+    """What `restore_lora_one` needs to rebuild this model's step-0 state without the gradient phase:
+    the active adapter's step-0 parameters and the init metadata, as tensors and plain containers (so
+    `torch.load(..., weights_only=True)` reads them back). Take it right after `get_lora_one_model`."""
+    adapter = peft_model.active_adapter
+    return {
+        "adapter": adapter,
+        "parameters": {k: v.detach().to("cpu", copy=True) for k, v in _adapter_parameters(peft_model, adapter).items()},
+        "metadata": copy.deepcopy(peft_model.lora_one_metadata),
+    }
+
+
+@torch.no_grad()
+def restore_lora_one(model: nn.Module, lora_config: LoraConfig, state: Mapping) -> PeftModel:
+    """`get_lora_one_model`'s result from `lora_one_state`, without the gradient phase or any SVD.
+
+    `model` must be the base model the init started from, untouched. It is wrapped as the init wraps
+    it, the step-0 parameters are copied in, and for the base-changing variants the residual base
+    weight is recomputed exactly (bit for bit) as the init computed it.
+    """
+    adapter, meta = state["adapter"], state["metadata"]
+    peft_model = _wrap(model, lora_config, adapter, meta["seed"])
+    params = _adapter_parameters(peft_model, adapter)
+    saved = state["parameters"]
+    if {k: tuple(v.shape) for k, v in saved.items()} != {k: tuple(v.shape) for k, v in params.items()}:
+        raise UsageError("The saved step-0 adapter does not fit this model's LoRA layers (another model, target "
+                         "or rank); start the run again.")
+    for name, value in saved.items():
+        params[name].copy_(value)
+    if meta["variant"] in BASE_CHANGING_VARIANTS:
+        for layer in lora_layers(peft_model).values():
+            _subtract_adapter(layer, adapter, meta["variant"])
+    _keep_initial_state(peft_model, adapter, meta["variant"])
+    peft_model.lora_one_metadata = copy.deepcopy(meta)
+    return peft_model
+
+
+def _adapter_parameters(peft_model: PeftModel, adapter: str) -> dict[str, nn.Parameter]:
+    """The adapter's own parameters (`lora_A`, `lora_B`, DoRA's magnitude), not modules_to_save."""
+    return {k: v for k, v in peft_model.named_parameters() if ".lora_" in k and f".{adapter}." in k}
+
+
+def _wrap(model: nn.Module, lora_config: LoraConfig, adapter_name: str, seed: int) -> PeftModel:
+    config = copy.deepcopy(lora_config)
+    config.init_lora_weights = True  # the saved config must load as a plain LoRA adapter
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def hash_batches(batches: Iterable[Mapping]) -> str:
@@ -195,11 +259,7 @@ def get_lora_one_model(
             train_step=train_step,
         )
     grad_seconds = time.perf_counter() - t0
-    config = copy.deepcopy(lora_config)
-    config.init_lora_weights = True  # the saved config must load as a plain LoRA adapter
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    peft_model = _wrap(model, lora_config, adapter_name, seed)
     t1 = time.perf_counter()  # the SVD phase starts after PEFT's wrapping
     stats = init_lora_one(peft_model, gradients, variant, gamma, svd, seed, adapter_name)
     t2 = time.perf_counter()

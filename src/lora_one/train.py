@@ -18,9 +18,9 @@ the adapter equals the single-process one up to float rounding. Only rank 0 eval
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import pickle
 import signal
 import threading
 import time
@@ -128,14 +128,6 @@ class TrainingInterrupted(Exception):
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].float().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
@@ -251,8 +243,18 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, extra
     return final
 
 
+def read_checkpoint(ckpt: Path) -> dict:
+    """A checkpoint's contents. Only tensors and plain containers are read (`weights_only=True`): a
+    checkpoint from elsewhere cannot run code."""
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"Checkpoint {ckpt} holds more than tensors and plain containers, so it is not "
+                         "loaded (it could run code); resume only checkpoints lora-one wrote.") from None
+
+
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = read_checkpoint(ckpt)
     params = dict(model.named_parameters())
     missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
     if missing:
@@ -318,7 +320,7 @@ def train(
     `evaluate(model) -> {metric: value}` runs at step 0, every `eval_every` steps and at the end, in
     eval mode and without gradients; its results go to `metrics.jsonl` as `eval_<metric>`.
     `step0_eval` supplies the step-0 results when the caller already knows them (an identical init).
-    `checkpoint_extra` is stored in every checkpoint (and compared on resume by the caller).
+    `checkpoint_extra` is stored in every checkpoint (finetune keeps the step-0 adapter there).
     `on_step(step, entry)` is called after each optimizer step with that step's log entry.
     """
     s = settings
@@ -349,12 +351,6 @@ def train(
             raise UsageError(f"--resume: {out} holds no checkpoint to resume from; run without --resume.")
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         step = resumed_from = state["step"]
-        for key, value in (checkpoint_extra or {}).items():
-            if state.get(key) != value:
-                warnings.warn(
-                    f"Resuming {ckpt}: its {key} differs from this run's ({state.get(key)!r} vs {value!r}); "
-                    "the continued run may not match an uninterrupted one.", stacklevel=2,
-                )
         log = MetricsLog(log_path, keep_until=step)
     else:
         torch.manual_seed(s.seed + rank)  # each rank its own dropout stream

@@ -88,7 +88,8 @@ def child(job: str, n: int) -> dict:
         mode = "accumulate" if job == "reference" else job.split("-")[0] if job.startswith("sketch") else job
         passes = int(job.split("-")[1]) if job.startswith("sketch-") else 1
         t0 = time.perf_counter()
-        grads = estimate_gradients(model, batches, progress=False, mode=mode, rank=R, seed=SEED, passes=passes)
+        grads = estimate_gradients(model, batches, progress=False, mode=mode, rank=R, seed=SEED, passes=passes,
+                                   num_samples=None)
         t1 = time.perf_counter()
         if job == "accumulate":
             svds = {k: top_svd(g, R, "randomized", SEED) for k, g in grads.items()}
@@ -119,10 +120,10 @@ def svd_accuracy(n: int, layer_stride: int) -> dict:
     from lora_one.spectral import exact_svd, randomized_svd, subspace_sine
 
     model, batches = load(n)
-    grads = estimate_gradients(model, batches, progress=False)
+    grads = estimate_gradients(model, batches, progress=False, num_samples=None)
     sketches = {
         f"sketch {p} pass{'es' if p > 1 else ''}": estimate_gradients(
-            model, batches, progress=False, mode="sketch", rank=R, seed=SEED, passes=p
+            model, batches, progress=False, mode="sketch", rank=R, seed=SEED, passes=p, num_samples=None
         )
         for p in SKETCH_PASSES
     }

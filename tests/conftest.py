@@ -50,19 +50,91 @@ def cls_batches(n: int = 4, length: int = 10, batch_size: int = 2, seed: int = 1
     ]
 
 
-def full_finetuning_gradients(model, batches) -> dict[str, torch.Tensor]:
-    """Independent reference: a plain full fine-tuning backward of every parameter, averaged."""
-    ref = copy.deepcopy(model)
-    ref.train()
-    for m in ref.modules():  # dropout off, as for the estimate
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+def ragged_examples(lengths=(5, 9, 14, 7), seed: int = 1, task: str = "causal", num_labels: int = 3) -> list[dict]:
+    """Unpadded examples of the given lengths: 1-D `input_ids`, and `labels` that mask a prompt of
+    about a third of each (causal, seq2seq: a target of its own, shorter, ragged length) or one class."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, VOCAB, (n,), generator=g)
+        if task == "causal":
+            labels = ids.clone()
+            labels[: n // 3 + 1] = -100
+        elif task == "seq2seq":
+            labels = torch.randint(3, VOCAB, (n // 2 + 1,), generator=g)
+        else:
+            labels = torch.randint(0, num_labels, (), generator=g)
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def padded_batches(examples: list[dict], batch_size: int, pad_id: int = 0) -> list[dict]:
+    """Right-padded micro-batches (the last one short) with an attention mask; token labels padded with -100."""
+    batches = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        width = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, e in enumerate(chunk):
+            ids[j, : len(e["input_ids"])] = e["input_ids"]
+            mask[j, : len(e["input_ids"])] = 1
+        if chunk[0]["labels"].ndim:
+            lwidth = max(len(e["labels"]) for e in chunk)
+            labels = torch.full((len(chunk), lwidth), -100)
+            for j, e in enumerate(chunk):
+                labels[j, : len(e["labels"])] = e["labels"]
+        else:
+            labels = torch.stack([e["labels"] for e in chunk])
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def full_finetuning_gradients(model, examples, task: str = "causal", loss_fn=None) -> dict[str, torch.Tensor]:
+    """Independent reference: the gradient of one full-batch step of full fine-tuning over `examples`
+    (unpadded, as `ragged_examples` makes them), written out by hand: a copy with every parameter
+    trainable, in eval mode (no dropout of any kind), each example's logits without padding, the
+    cross-entropy summed over every supervised term of all examples (a causal LM predicts label t + 1
+    at position t; a seq2seq model and a classifier predict their labels as they are) and divided by
+    the number of those terms.
+    `loss_fn(model, example) -> (loss summed over the example's terms, their number)` replaces it.
+    Right-padded batches are taken apart into their examples first."""
+    ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(True)
     ref.zero_grad()
-    for b in batches:
-        (ref(**b).loss / len(batches)).backward()
+    total, count = 0.0, 0
+    for e in _unpadded(examples):
+        part, n = loss_fn(ref, e) if loss_fn else _summed_cross_entropy(ref, e, task)
+        total, count = total + part, count + n
+    (total / count).backward()
     return {n[: -len(".weight")]: p.grad.clone() for n, p in ref.named_parameters() if n.endswith(".weight")}
+
+
+def _unpadded(items):
+    """Examples as given (1-D `input_ids`), or the rows of right-padded batches, cut to their length."""
+    for item in items:
+        ids = item["input_ids"]
+        if ids.ndim == 1:
+            yield item
+            continue
+        mask = item.get("attention_mask", torch.ones_like(ids))
+        for i, n in enumerate(mask.sum(1).tolist()):
+            labels = item["labels"][i]
+            yield {"input_ids": ids[i, :n], "labels": labels[:n] if labels.ndim else labels}
+
+
+def _summed_cross_entropy(model, example, task: str):
+    ids, labels = example["input_ids"][None], example["labels"]
+    if task == "causal":
+        logits, labels = model(input_ids=ids).logits[0, :-1], labels[1:]
+    elif task == "seq2seq":  # T5's decoder input: the start token, then the labels but the last
+        start = torch.tensor([model.config.decoder_start_token_id])
+        logits = model(input_ids=ids, decoder_input_ids=torch.cat([start, labels[:-1]])[None]).logits[0]
+    else:
+        logits, labels = model(input_ids=ids).logits, labels.reshape(1)
+    keep = labels != -100
+    return torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"), int(keep.sum())
 
 
 @pytest.fixture

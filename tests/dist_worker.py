@@ -1,21 +1,31 @@
-"""Run under `torchrun --nproc_per_node 2`: each rank initialises from its shard of the batches."""
+"""Two-process workers for tests/test_distributed.py.
 
+`dist_worker.py OUT` runs under `torchrun --nproc_per_node 2`: each rank initialises from its own
+batches. `dist_worker.py --bad-rank-1 STORE RANK` is started twice by hand (one process per rank, each
+with its own stderr): rank 1's data is bad in a way that only rank 1 can see, case after case.
+"""
+
+import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import lm_batches, tiny_llama
+from conftest import padded_batches, ragged_examples, tiny_llama
 from peft import LoraConfig
 
-from lora_one import get_lora_one_model, save_adapter
+from lora_one import estimate_gradients, get_lora_one_model, save_adapter
+from lora_one.errors import UsageError
 
-# get_lora_one_model keywords per case; tests/test_distributed.py checks each against one process
+# get_lora_one_model keywords and init micro-batch size per case; tests/test_distributed.py checks
+# each against one process holding all 4 ragged examples
 CASES = {
-    "accumulate": {},
-    "sketch": {"grad_mode": "sketch"},
-    "sketch_2_passes": {"grad_mode": "sketch", "sketch_passes": 2},
+    "accumulate": ({}, 1),
+    "sketch": ({"grad_mode": "sketch"}, 1),
+    "sketch_2_passes": ({"grad_mode": "sketch", "sketch_passes": 2}, 1),
+    "single-batch": ({"grad_mode": "single-batch"}, 2),
 }
+CONFIG = LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")
 
 
 def lora_state(model):
@@ -25,11 +35,11 @@ def lora_state(model):
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    batches = lm_batches(n=4)[rank::world]  # this rank's shard
-    config = LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")
+    shard = ragged_examples()[rank::world]  # this rank's examples: 5 and 14 tokens, or 9 and 7
     results = {}
-    for mode, kwargs in CASES.items():
-        model = get_lora_one_model(tiny_llama(), config, batches, gamma=16, progress=False, **kwargs)
+    for mode, (kwargs, batch_size) in CASES.items():
+        model = get_lora_one_model(tiny_llama(), CONFIG, padded_batches(shard, batch_size), gamma=16,
+                                   progress=False, num_samples=4, **kwargs)
         results[mode] = lora_state(model)
         save_adapter(model, out / f"adapter_{mode}")  # rank 0 only
     torch.save(results, out / f"rank{rank}.pt")
@@ -37,5 +47,36 @@ def main(out: Path) -> None:
     dist.destroy_process_group()
 
 
+def nan_on_rank_1(model, batch):
+    return model(**batch).loss * (math.nan if dist.get_rank() == 1 else 1.0)
+
+
+def bad_rank_1(store: str, rank: int) -> None:
+    """Each case raises on rank 1 alone; every rank must raise the same error, then go on in step with
+    the others (caught here, printed as `CASE name: message`). The last case is not caught."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model, good = tiny_llama(), padded_batches(ragged_examples(), 2)
+    bad = rank == 1
+    cases = {
+        "no labels": {"batches": [{k: v for k, v in b.items() if k != "labels"} for b in good] if bad else good},
+        "nan loss": {"batches": good, "train_step": nan_on_rank_1},
+        "nan loss before single-batch's all-reduce": {"batches": good[:1], "train_step": nan_on_rank_1,
+                                                      "mode": "single-batch", "rank": 2, "num_samples": None},
+        "single-batch with fewer batches than ranks": {"batches": [] if bad else good[:1], "mode": "single-batch",
+                                                       "rank": 2, "num_samples": None},
+        "too few samples": {"batches": good[:1] if bad else good, "num_samples": 8},
+    }
+    *caught, last = cases
+    for name in caught:
+        try:
+            estimate_gradients(model, **{"num_samples": 4, "progress": False, **cases[name]})
+        except UsageError as e:
+            print(f"CASE {name}: {e}", file=sys.stderr, flush=True)
+    estimate_gradients(model, **{"progress": False, **cases[last]})
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--bad-rank-1":
+        bad_rank_1(sys.argv[2], int(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]))

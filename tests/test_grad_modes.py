@@ -2,11 +2,13 @@
 dense references; gradient checkpointing, bf16 and PeftModel inputs."""
 
 import copy
+import itertools
 
 import pytest
 import torch
-from conftest import lm_batches, tiny_llama
+from conftest import full_finetuning_gradients, lm_batches, padded_batches, ragged_examples, tiny_llama
 from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
 
 from lora_one import estimate_gradients, get_lora_one_model
 from lora_one.gradients import DEFAULT_SKETCH_PASSES
@@ -46,8 +48,8 @@ def test_sketch_mode_with_full_sketch_equals_accumulate():
     """With sketches as wide as the layer the single-pass SVD is exact: it must match the exact top-r
     SVD of the accumulated gradient, and the factors must match too."""
     model, batches = tiny_llama(), lm_batches(n=4, batch_size=2)
-    G = estimate_gradients(model, batches, progress=False)
-    S = estimate_gradients(model, batches, progress=False, mode="sketch", rank=4, oversample=64)
+    G = estimate_gradients(model, batches, progress=False, num_samples=4)
+    S = estimate_gradients(model, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=64)
     assert S.keys() == G.keys()
     for name in G:
         assert_same_top_subspace(S[name], G[name], 4, 1e-3)
@@ -60,29 +62,40 @@ def test_sketch_mode_never_forms_a_weight_gradient(llama):
     snapshot = {n: p.requires_grad for n, p in llama.named_parameters()}
     for p in llama.parameters():
         p.register_post_accumulate_grad_hook(lambda p: pytest.fail("a weight gradient was formed"))
-    estimate_gradients(llama, lm_batches(), progress=False, mode="sketch", rank=2)
+    estimate_gradients(llama, lm_batches(), progress=False, num_samples=4, mode="sketch", rank=2)
     assert {n: p.requires_grad for n, p in llama.named_parameters()} == snapshot
     assert all(p.grad is None for p in llama.parameters())
 
 
-def test_single_batch_mode_equals_accumulate(llama):
-    batches = lm_batches(n=4, batch_size=4)
-    G = estimate_gradients(llama, batches, progress=False)
-    S = estimate_gradients(llama, batches, progress=False, mode="single-batch", rank=4)
-    for name in G:
-        assert_same_top_subspace(S[name], G[name], 4, 1e-4)
-    with pytest.raises(ValueError, match="needs all init samples in one micro-batch"):
-        estimate_gradients(llama, lm_batches(n=4, batch_size=2), progress=False, mode="single-batch", rank=4)
+def test_every_mode_gives_the_reference_gradient_on_ragged_data(llama):
+    """Ragged examples (5, 9, 14, 7 tokens): single-batch (one padded batch of 4) and sketch (1 and 2
+    passes over micro-batches of 3 + 1, sketches as wide as the layers, so exact) give the top-4 SVD
+    of the independent full-batch reference, singular values included (they carry the weighting)."""
+    examples = ragged_examples()
+    reference = full_finetuning_gradients(llama, examples)
+    runs = {
+        "single-batch": estimate_gradients(llama, padded_batches(examples, 4), progress=False, num_samples=4,
+                                           mode="single-batch", rank=4),
+        **{f"sketch {p}": estimate_gradients(llama, padded_batches(examples, 3), progress=False, num_samples=4,
+                                             mode="sketch", rank=4, oversample=64, passes=p) for p in (1, 2)},
+    }
+    for mode, svds in runs.items():
+        assert svds.keys() <= reference.keys(), mode
+        for name, svd in svds.items():
+            assert_same_top_subspace(svd, reference[name], 4, 1e-4)
+    with pytest.raises(ValueError, match="needs exactly one micro-batch per rank.* this rank has 2"):
+        estimate_gradients(llama, padded_batches(examples, 2), progress=False, num_samples=4, mode="single-batch",
+                           rank=4)
 
 
 def test_offload_and_gradient_checkpointing_agree(llama):
     batches = lm_batches()
-    G = estimate_gradients(llama, batches, progress=False)
+    G = estimate_gradients(llama, batches, progress=False, num_samples=4)
     ckpt = copy.deepcopy(llama)
     ckpt.gradient_checkpointing_enable()
     ckpt.train()  # checkpointing is active in train mode; the estimate switches to eval itself
     for mode in ("accumulate", "sketch"):
-        out = estimate_gradients(ckpt, batches, progress=False, mode=mode, rank=4, oversample=64, offload=True)
+        out = estimate_gradients(ckpt, batches, progress=False, num_samples=4, mode=mode, rank=4, oversample=64, offload=True)
         for name in G:
             if mode == "accumulate":
                 torch.testing.assert_close(out[name], G[name], rtol=1e-5, atol=1e-8)
@@ -92,10 +105,10 @@ def test_offload_and_gradient_checkpointing_agree(llama):
 
 def test_bf16_model_accumulates_in_fp32(llama):
     batches = lm_batches()
-    G = estimate_gradients(llama, batches, progress=False)
+    G = estimate_gradients(llama, batches, progress=False, num_samples=4)
     half = copy.deepcopy(llama).to(torch.bfloat16)
     for mode in ("accumulate", "sketch"):
-        out = estimate_gradients(half, batches, progress=False, mode=mode, rank=2, oversample=64)
+        out = estimate_gradients(half, batches, progress=False, num_samples=4, mode=mode, rank=2, oversample=64)
         for name in G:
             if mode == "accumulate":
                 assert out[name].dtype == torch.float32
@@ -109,13 +122,13 @@ def test_bf16_model_accumulates_in_fp32(llama):
 def test_get_lora_one_model_in_sketch_mode_on_a_peft_model():
     model, batches = tiny_llama(), lm_batches()
     config = LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")
-    sketched = get_lora_one_model(copy.deepcopy(model), config, batches, grad_mode="sketch")
+    sketched = get_lora_one_model(copy.deepcopy(model), config, batches, grad_mode="sketch", num_samples=4)
     assert sketched.lora_one_metadata["grad_mode"] == "sketch"
     assert sketched.lora_one_metadata["sketch_passes"] == DEFAULT_SKETCH_PASSES == 2
     # the sketch of a PeftModel (B = 0: the function of the base) sees the same gradient
     wrapped = get_peft_model(copy.deepcopy(model), config)
-    from_peft = estimate_gradients(wrapped, batches, progress=False, mode="sketch", rank=4, oversample=64)
-    G = estimate_gradients(model, batches, progress=False)
+    from_peft = estimate_gradients(wrapped, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=64)
+    G = estimate_gradients(model, batches, progress=False, num_samples=4)
     for name in G:
         assert_same_top_subspace(from_peft[name], G[name], 4, 1e-3)
 
@@ -125,51 +138,54 @@ def test_sketch_passes_approach_the_exact_svd():
     pass misses the top-4 subspaces (median sine 0.93 measured), three passes find them (median 1.1e-2,
     max 6.2e-2 measured)."""
     model, batches = tiny_llama(), lm_batches(n=4)
-    G = estimate_gradients(model, batches, progress=False)
+    G = estimate_gradients(model, batches, progress=False, num_samples=4)
     truth = {name: exact_svd(g.double(), 4) for name, g in G.items()}
     median, worst = {}, {}
     for passes in (1, 3):
-        S = estimate_gradients(model, batches, progress=False, mode="sketch", rank=4, oversample=4, passes=passes)
+        S = estimate_gradients(model, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=4, passes=passes)
         sines = sorted(max(subspace_sine(truth[n].U, S[n].U), subspace_sine(truth[n].Vh.T, S[n].Vh.T)) for n in G)
         median[passes], worst[passes] = sines[len(sines) // 2], sines[-1]
     assert median[1] > 0.5 and median[3] < 0.03 and worst[3] < 0.15, (median, worst)
 
 
-def test_sketch_passes_need_reiterable_batches_and_sketch_mode(llama):
-    batches = lm_batches()
-    with pytest.raises(ValueError, match="one-shot iterator .* pass a list or a DataLoader"):
-        estimate_gradients(llama, (b for b in batches), progress=False, mode="sketch", rank=2, passes=3)
+def test_sketch_passes_reuse_the_samples_of_a_generator_or_shuffling_loader(llama):
+    """Every pass sees the samples of the first: a generator works, and a shuffling DataLoader (which
+    would draw other samples on a second iteration) gives the sketch of the samples it drew first."""
+    batches = lm_batches(n=8)
+    listed = estimate_gradients(llama, batches, progress=False, num_samples=8, mode="sketch", rank=2, passes=2)
+    generated = estimate_gradients(llama, (b for b in batches), progress=False, num_samples=8, mode="sketch",
+                                   rank=2, passes=2)
 
-    class Shrinking:  # re-iterable, but each complete pass uses up a batch
-        def __init__(self):
-            self.items = list(batches)
+    def loader():
+        data = [{k: v[0] for k, v in b.items()} for b in lm_batches(n=20)]
+        return DataLoader(data, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(5))
 
-        def __iter__(self):
-            yield from list(self.items)
-            self.items.pop()
-
-    with pytest.raises(ValueError, match="Pass 2 saw 3 batches, pass 1 saw 4"):
-        estimate_gradients(llama, Shrinking(), progress=False, mode="sketch", rank=2, passes=2)
+    shuffled = estimate_gradients(llama, loader(), progress=False, num_samples=6, mode="sketch", rank=2, passes=2)
+    drawn = list(itertools.islice(loader(), 3))
+    expected = estimate_gradients(llama, drawn, progress=False, num_samples=None, mode="sketch", rank=2, passes=2)
+    for got, want in ((generated, listed), (shuffled, expected)):
+        for name in want:
+            assert torch.equal(got[name].U, want[name].U) and torch.equal(got[name].S, want[name].S), name
     with pytest.raises(ValueError, match="needs mode='sketch'"):
-        estimate_gradients(llama, batches, progress=False, mode="accumulate", passes=2)
+        estimate_gradients(llama, batches, progress=False, num_samples=4, mode="accumulate", passes=2)
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="passes must be an integer >= 1"):
-            estimate_gradients(llama, batches, progress=False, mode="sketch", rank=2, passes=bad)
+            estimate_gradients(llama, batches, progress=False, num_samples=4, mode="sketch", rank=2, passes=bad)
 
 
 def test_bad_mode_arguments(llama):
     with pytest.raises(ValueError, match="Unknown gradient mode"):
-        estimate_gradients(llama, lm_batches(), mode="stream")
+        estimate_gradients(llama, lm_batches(), mode="stream", num_samples=4)
     with pytest.raises(ValueError, match="needs the LoRA rank"):
-        estimate_gradients(llama, lm_batches(), mode="sketch")
+        estimate_gradients(llama, lm_batches(), mode="sketch", num_samples=4)
     with pytest.raises(ValueError, match="lora-ga runs PEFT's own implementation"):
         get_lora_one_model(llama, LoraConfig(r=2, target_modules="all-linear"), lm_batches(),
-                           variant="lora-ga", grad_mode="sketch")
+                           variant="lora-ga", grad_mode="sketch", num_samples=4)
 
 
 def test_sketch_mode_defaults_to_two_passes(llama):
     batches = lm_batches()
-    default = estimate_gradients(llama, batches, progress=False, mode="sketch", rank=2)
+    default = estimate_gradients(llama, batches, progress=False, num_samples=4, mode="sketch", rank=2)
     for passes, same in ((2, True), (1, False)):
-        explicit = estimate_gradients(llama, batches, progress=False, mode="sketch", rank=2, passes=passes)
+        explicit = estimate_gradients(llama, batches, progress=False, num_samples=4, mode="sketch", rank=2, passes=passes)
         assert all(torch.equal(default[n].U, explicit[n].U) for n in default) == same

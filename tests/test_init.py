@@ -39,8 +39,9 @@ def lora_pairs(peft_model):
 def test_step0_is_a_normalised_rank_r_gradient_step(variant):
     model, batches = tiny_llama(), lm_batches()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    G = estimate_gradients(model, batches, progress=False)
-    peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), batches, variant=variant, gamma=64, svd="exact")
+    G = estimate_gradients(model, batches, progress=False, num_samples=4)
+    peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), batches, variant=variant, gamma=64, svd="exact",
+                                    num_samples=4)
     s = 16 / 4**0.5
     for name, layer in lora_pairs(peft_model):
         t = exact_svd(G[name].double(), 4)
@@ -58,7 +59,8 @@ def test_round_trip_through_stock_peft(variant, tmp_path):
     trained model's logits; base-changing variants keep the function at step 0."""
     base, batches = tiny_llama(), lm_batches()
     base_logits = logits(base, batches)
-    peft_model = get_lora_one_model(copy.deepcopy(base), LoraConfig(**CONFIG), batches, variant=variant, gamma=16)
+    peft_model = get_lora_one_model(copy.deepcopy(base), LoraConfig(**CONFIG), batches, variant=variant, gamma=16,
+                                    num_samples=4)
     step0 = logits(peft_model, batches)
     if variant in ("lora-one-v1", "lora-ga", "pissa", "lora"):
         torch.testing.assert_close(step0, base_logits, rtol=0, atol=1e-5)
@@ -80,7 +82,7 @@ def test_round_trip_through_stock_peft(variant, tmp_path):
 def test_sequence_classification_round_trip(tmp_path):
     base, batches = tiny_bert(), cls_batches()
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS")
-    peft_model = get_lora_one_model(copy.deepcopy(base), config, batches, gamma=16)
+    peft_model = get_lora_one_model(copy.deepcopy(base), config, batches, gamma=16, num_samples=4)
     perturb_adapter(peft_model)
     save_adapter(peft_model, tmp_path / "cls")
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "cls")
@@ -91,7 +93,7 @@ def test_sequence_classification_round_trip(tmp_path):
 def test_same_seed_gives_bit_identical_adapter(variant, tmp_path):
     for run in ("a", "b"):
         model = tiny_llama()
-        peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), lm_batches(), variant=variant, seed=3)
+        peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), lm_batches(), variant=variant, seed=3, num_samples=4)
         save_adapter(peft_model, tmp_path / run)
     a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -110,7 +112,7 @@ def test_unknown_variant():
 
 def test_missing_gradient_for_a_layer():
     model, batches = tiny_llama(), lm_batches()
-    G = estimate_gradients(model, batches, target_modules=["q_proj"], progress=False)
+    G = estimate_gradients(model, batches, target_modules=["q_proj"], progress=False, num_samples=4)
     peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), None, variant="lora")
     with pytest.raises(ValueError, match="No gradient for LoRA layer 'model.layers.0.self_attn.k_proj'"):
         init_lora_one(peft_model, G)
@@ -119,7 +121,7 @@ def test_missing_gradient_for_a_layer():
 def test_init_accepts_peft_model_names():
     """Gradients keyed by the PeftModel's own module names work as well as base-model names."""
     model, batches = tiny_llama(), lm_batches()
-    G = estimate_gradients(model, batches, progress=False)
+    G = estimate_gradients(model, batches, progress=False, num_samples=4)
     peft_a = get_lora_one_model(copy.deepcopy(model), LoraConfig(**CONFIG), None, variant="lora")
     peft_b = copy.deepcopy(peft_a)
     init_lora_one(peft_a, G)

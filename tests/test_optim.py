@@ -39,7 +39,7 @@ def test_preconditioned_adamw_equals_adamw_on_preconditioned_gradients(reg):
     gradients, computed from the factors before each step."""
     batches = lm_batches(n=3)
     model = get_lora_one_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, use_rslora=True,
-                               target_modules="all-linear"), batches, gamma=16)
+                               target_modules="all-linear"), batches, gamma=16, num_samples=3)
     reference, plain = copy.deepcopy(model), copy.deepcopy(model)
     opt = create_optimizer(model, lr=1e-2, precondition=True, reg=reg, weight_decay=0.0)
     plain_opt = create_optimizer(plain, lr=1e-2, precondition=False, weight_decay=0.0)

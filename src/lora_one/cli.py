@@ -26,7 +26,7 @@ from lora_one.finetune import add_finetune_parser
 from lora_one.gradients import MODES
 from lora_one.init import get_lora_one_model
 from lora_one.merge import add_merge_parser
-from lora_one.models import CAUSAL_LM, TASKS, infer_task, load_model, resolve_model_path
+from lora_one.models import CAUSAL_LM, HUB_IDS, TASKS, infer_task, load_model, resolve_model_path
 from lora_one.save import save_adapter
 from lora_one.spectral import VARIANTS
 from lora_one.toys import add_toy_parser
@@ -60,6 +60,14 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
                    help="passes over the init data in sketch mode (default 2); more passes, a more accurate "
                    "top-r SVD (README: sketch accuracy)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-model-name",
+                   help="base model named in the saved adapter_config.json, e.g. a Hub id (default: an alias's "
+                   "Hub id, else the --model folder)")
+
+
+def base_model_name_of(args) -> str | None:
+    """The base model the saved adapter names (None: PEFT's default, the folder the model came from)."""
+    return args.base_model_name or HUB_IDS.get(args.model)
 
 
 def fields_of(args) -> Fields:
@@ -126,7 +134,8 @@ def cmd_init(args) -> None:
     meta = peft_model.lora_one_metadata
     print_layer_table(meta["layers"])
     print(f"gradient phase {meta['gradient_seconds']:.2f} s, SVD phase {meta['svd_seconds']:.2f} s")
-    save_adapter(peft_model, out, extra={"model": args.model, "data": str(args.data), "task": task})
+    save_adapter(peft_model, out, extra={"model": args.model, "data": str(args.data), "task": task},
+                 base_model_name=base_model_name_of(args))
     print(f"saved the step-0 adapter and {out / 'lora_one.json'}")
 
 

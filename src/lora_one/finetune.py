@@ -46,7 +46,8 @@ from lora_one.train import (
 
 ARGS = "args.json"
 # Settings that may change between a run and its --resume without changing the result.
-RESUME_FREE = ("resume", "overwrite", "save_every", "quiet", "eval_batch_size", "device", "offload")
+RESUME_FREE = ("resume", "overwrite", "save_every", "quiet", "eval_batch_size", "device", "offload",
+               "base_model_name")
 # The files of a run in its folder, which --overwrite deletes (and nothing else), the adapter's marker
 # first so the folder never looks like a finished run; a README.md is left alone (it may be the user's).
 RUN_FILES = (ADAPTER.marker, *ADAPTER.stale, SIDECAR, ARGS, METRICS, "loss.png", "eval.json",
@@ -206,7 +207,7 @@ def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
 
 
 def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
-    from lora_one.cli import fields_of, load_task_data, lora_config_of  # noqa: PLC0415
+    from lora_one.cli import base_model_name_of, fields_of, load_task_data, lora_config_of  # noqa: PLC0415
 
     out = Path(args.out)
     main = parallel.is_main_process()
@@ -308,7 +309,8 @@ def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
         "training": {k: v for k, v in summary.items() if k not in ("metrics", "out", "rank")},
     }
     if main:
-        save_adapter(peft_model, out, meta)  # into the run folder: its other files stay
+        # into the run folder: its other files stay
+        save_adapter(peft_model, out, meta, base_model_name=base_model_name_of(args))
         plot_loss(result.metrics, out / "loss.png", title=f"{args.method}{' + precond' if args.precondition else ''}")
     parallel.barrier()  # the other ranks wait for the files, so the job ends when they are written
     return summary

@@ -1,44 +1,73 @@
 """Step 1 of LoRA-One: the one-step full fine-tuning gradient of every target weight.
 
-`G = dL/dW` at the current weights, averaged over the given batches (and over the ranks of a
-`torch.distributed` job), where `L` is the model's own `.loss`. Three memory modes:
+`G = dL/dW` at the current weights, where `L` is the mean loss over ALL supervised terms of the N init
+samples (shared/ALGORITHM.md, Step 1): for a causal LM, the token cross-entropy summed over every
+predicted label token of the N examples (labels shift by one: `labels[..., 1:] != -100` count), divided
+by their number; for an encoder-decoder (`config.is_encoder_decoder`) or token classification the same
+without the shift (`labels != -100`); for sequence classification, the mean over the examples. That is
+exactly one full-batch step over the N samples, and `transformers.Trainer`'s convention
+(`num_items_in_batch`). So each micro-batch's `.loss` (the mean over its own terms) is backpropagated
+times `its terms / the terms of all micro-batches of all ranks`, and `G` is the same, to fp32 round-off,
+for every micro-batch size, a short last batch, every memory mode and every number of ranks.
+
+The samples are materialised first: this rank's share of `num_samples` examples (the last batch sliced
+if it straddles the boundary), kept in a list, so that a shuffling DataLoader or a generator works and
+every sketch pass sees the same samples. Three memory modes:
 
 - `accumulate`: only the target weights take a gradient; each is moved into an fp32 accumulator (on
   the weight's device, or on CPU with `offload=True`) by a post-accumulate-grad hook as soon as autograd
   produces it, so at most one raw layer gradient lives beside the accumulators. Returns `G` per layer.
-- `single-batch`: for one micro-batch holding all N samples, each layer's top-r SVD is taken inside
-  its hook and the gradient dropped at once. Returns a `TopSVD` per layer.
+- `single-batch`: for one micro-batch per rank holding all its samples, each layer's gradient is
+  all-reduced and its top-r SVD taken inside its hook, the gradient dropped at once. Returns a `TopSVD`
+  per layer.
 - `sketch`: never forms a weight gradient. For `y = x W^T`, `G = sum_t g_t^T x_t`; forward hooks keep
   the layer inputs `x`, tensor hooks on the outputs receive `g = dL/dy`, and both feed the linear
   sketches `G @ Omega`, `Psi @ G` (`lora_one.sketch`). The base weights need no `requires_grad`, so a
   frozen or quantised base works and the backward costs what a LoRA training step's backward costs.
-  `passes > 1` runs the batches again, each pass sketching with test matrices built from the previous
+  `passes > 1` runs the samples again, each pass sketching with test matrices built from the previous
   pass's all-reduced sketches (subspace iteration): more accurate for slowly decaying spectra, at one
   forward and backward over the data per pass. Returns a `TopSVD` per layer.
 
-The model is left exactly as it was found: weights, `requires_grad` flags, train/eval mode, `.grad`.
+The model runs in training mode, so that gradient checkpointing (which transformers applies only in
+training mode) saves its memory here too, with every dropout probability set to 0; afterwards it is
+exactly as it was found: weights, `requires_grad` flags, train/eval mode, dropout settings, `.grad`.
+
+Under `torch.distributed`, a `UsageError` on one rank (a batch without labels, a non-finite loss, too
+few samples) is raised on every rank with the same message before the next collective
+(`parallel.raise_together`), so no rank is left waiting for another.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedConfig
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 from lora_one.errors import UsageError
-from lora_one.parallel import all_reduce_sum, is_main_process, world_size
+from lora_one.parallel import all_reduce_sum, is_main_process, raise_together, world_size
+from lora_one.parallel import rank as process_rank
 from lora_one.sketch import GradientSketch, default_sizes, test_matrix
 from lora_one.spectral import TopSVD, randomized_svd
-from lora_one.targets import find_target_linears
+from lora_one.targets import base_model_of, find_target_linears
 
 MODES = ("accumulate", "single-batch", "sketch")
 # Sketch passes when none are asked for. On SmolLM2 (N = 64, r = 8) one pass left a top-8 subspace
 # sine of 0.2 (median) where two gave at most 4.5e-3 over 70 layers, for 1.6x a LoRA epoch's time
 # against 0.9x; three gave 5e-4 for 2.9x (benchmarks/results/init_cost.txt).
 DEFAULT_SKETCH_PASSES = 2
+DEFAULT_NUM_SAMPLES = 8  # the reference's N
+IGNORE_INDEX = -100
+# Parts of the names of the float settings that transformers modules (or their configs) read as a
+# probability of dropping something in training mode: attention_dropout, layerdrop, drop_path's
+# drop_prob, MoE router jitter, ...
+_DROPOUT_NAMES = ("dropout", "drop_prob", "drop_rate", "layerdrop", "attn_drop", "jitter")
+
+TrainStep = Callable[[nn.Module, dict], torch.Tensor]
 
 
 def _refuse_sharded_weights(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
@@ -54,11 +83,32 @@ def _refuse_sharded_weights(model: nn.Module, weights: dict[str, nn.Parameter]) 
         )
 
 
+def _dropout_settings(model: nn.Module) -> list[tuple[object, str]]:
+    """`(owner, attribute)` of every non-zero dropout probability the model reads in training mode:
+    `nn.Dropout.p`, and numbers such as `attention_dropout` or `layerdrop` on modules and their configs."""
+    found, owners = [], {}
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p:
+            found.append((m, "p"))
+        owners[id(m)] = m
+        if isinstance(getattr(m, "config", None), PreTrainedConfig):
+            owners[id(m.config)] = m.config
+    for owner in owners.values():
+        for name, value in vars(owner).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value and any(
+                part in name for part in _DROPOUT_NAMES
+            ):
+                found.append((owner, name))
+    return found
+
+
 @contextmanager
 def _estimation_state(model: nn.Module, weights: dict[str, nn.Parameter], weights_need_grad: bool):
-    """Freeze everything (but the targets, if they take gradients), dropout off; restore afterwards."""
+    """Freeze everything (but the targets, if they take gradients); training mode, so that gradient
+    checkpointing is active, with every dropout probability at 0; restore all of it afterwards."""
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
+    dropouts = [(owner, name, getattr(owner, name)) for owner, name in _dropout_settings(model)]
     old_grads = {p: p.grad for p in weights.values()}  # a user's pending .grad must not leak into G
     try:
         for p in flags:
@@ -67,9 +117,16 @@ def _estimation_state(model: nn.Module, weights: dict[str, nn.Parameter], weight
             for p in weights.values():
                 p.requires_grad_(True)
                 p.grad = None
-        model.eval()
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()  # its running statistics must not move
+        for owner, name, _ in dropouts:
+            setattr(owner, name, 0.0)
         yield
     finally:
+        for owner, name, value in dropouts:
+            setattr(owner, name, value)
         for p, flag in flags.items():
             p.requires_grad_(flag)
         for p, grad in old_grads.items():
@@ -93,11 +150,11 @@ def _check(name: str, finite: bool, nonzero: bool) -> None:
 
 class _Accumulate:
     weights_need_grad = True
-    max_batches = None
+    reduces_in_backward = False
 
     def __init__(self, targets, offload: bool, **_):
         self.sums = {
-            n: torch.zeros(m.weight.shape, dtype=torch.float32, device="cpu" if offload else m.weight.device)
+            n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device="cpu" if offload else m.weight.device)
             for n, m in targets.items()
         }
         self.handles = [m.weight.register_post_accumulate_grad_hook(self._hook(n)) for n, m in targets.items()]
@@ -109,10 +166,10 @@ class _Accumulate:
 
         return hook
 
-    def finish(self, n_batches: int) -> dict[str, torch.Tensor]:
+    def finish(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, total in self.sums.items():
-            g = all_reduce_sum(total).div_(n_batches)
+            g = all_reduce_sum(total)  # each rank's part is already weighted by its share of the loss terms
             _check(name, bool(torch.isfinite(g).all()), bool(g.any()))
             out[name] = g
         return out
@@ -120,31 +177,30 @@ class _Accumulate:
 
 class _SingleBatch:
     weights_need_grad = True
-    max_batches = 1
+    reduces_in_backward = True  # the all-reduces run inside the backward hooks
 
     def __init__(self, targets, rank: int, seed: int, **_):
         self.rank, self.seed, self.svds = rank, seed, {}
-        self.world = world_size()
         self.handles = [m.weight.register_post_accumulate_grad_hook(self._hook(n)) for n, m in targets.items()]
 
     def _hook(self, name):
         def hook(param):
-            g = all_reduce_sum(param.grad.float()).div_(self.world)
+            g = all_reduce_sum(param.grad.float())
             param.grad = None
             _check(name, bool(torch.isfinite(g).all()), bool(g.any()))
             self.svds[name] = randomized_svd(g, self.rank, seed=self.seed)  # as init_lora_one seeds it
 
         return hook
 
-    def finish(self, n_batches: int) -> dict[str, TopSVD]:
-        return self.svds  # each hook already averaged its layer over the ranks
+    def finish(self) -> dict[str, TopSVD]:
+        return self.svds  # each hook already summed its layer over the ranks
 
 
 class _Sketch:
     """Pass 1 sketches with seeded Gaussian test matrices; `next_pass` swaps in refined sketches."""
 
     weights_need_grad = False
-    max_batches = None
+    reduces_in_backward = False
 
     def __init__(self, targets, rank: int, seed: int, oversample: int | None, model: nn.Module, **_):
         self.rank, self.sketches, self.handles = rank, {}, []
@@ -157,7 +213,7 @@ class _Sketch:
             return shared[key]
 
         for name, m in targets.items():
-            out_f, in_f = m.weight.shape
+            out_f, in_f = m.out_features, m.in_features  # a packed (e.g. 4-bit) weight has another shape
             k, l = default_sizes(rank, out_f, in_f, oversample)
             dev = m.weight.device
             self.sketches[name] = GradientSketch.with_test_matrices(matrix(k, in_f, dev).mT, matrix(l, out_f, dev))
@@ -171,7 +227,7 @@ class _Sketch:
 
     def _forward_hook(self, name):
         def forward_hook(module, args, output):
-            if not output.requires_grad:  # e.g. the first forward of activation checkpointing
+            if not output.requires_grad:  # e.g. the first forward of reentrant activation checkpointing
                 return
             x = args[0].detach()
             sketch = self.sketches[name]  # of the current pass
@@ -179,56 +235,149 @@ class _Sketch:
 
         return forward_hook
 
-    def _reduce(self, n_batches: int) -> None:
-        """Sum the pass's sketches over the ranks and average them over the batches."""
+    def _reduce(self) -> None:
+        """Sum the pass's sketches over the ranks (each rank's part is already weighted)."""
         for name, sk in self.sketches.items():
             all_reduce_sum(sk.Y)
             all_reduce_sum(sk.W)
-            sk.scale_(1.0 / n_batches)
             _check(name, bool(torch.isfinite(sk.Y).all() and torch.isfinite(sk.W).all()), bool(sk.Y.any()))
 
-    def next_pass(self, n_batches: int) -> None:
-        self._reduce(n_batches)  # every rank then builds the same next test matrices
+    def next_pass(self) -> None:
+        self._reduce()  # every rank then builds the same next test matrices
         for name, sk in self.sketches.items():  # one layer at a time, freeing the old sketch at once
             self.sketches[name] = sk.next_pass()
 
-    def finish(self, n_batches: int) -> dict[str, TopSVD]:
-        self._reduce(n_batches)
+    def finish(self) -> dict[str, TopSVD]:
+        self._reduce()
         return {name: sk.top_svd(self.rank) for name, sk in self.sketches.items()}
+
+
+def examples_in(batch: Mapping) -> int:
+    """The number of examples in a batch: dim 0 of its `labels`, else of its `input_ids`, else of its
+    first tensor."""
+    if not isinstance(batch, Mapping):
+        raise UsageError(
+            f"A batch is a {type(batch).__name__}; pass dicts of model inputs (e.g. a DataLoader with a collator)."
+        )
+    for key in ("labels", "input_ids", *batch):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return value.shape[0]
+    raise UsageError(f"A batch holds no tensor with a batch dimension (keys {sorted(batch)}); pass model inputs.")
+
+
+def _head(batch: Mapping, n: int, rows: int) -> dict:
+    """The first `n` of a batch's `rows` examples: every tensor with that leading dimension, sliced."""
+    return {k: v[:n] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v for k, v in batch.items()}
+
+
+def _take(batches: Iterable[Mapping], num_samples: int | None) -> list[dict]:
+    """This rank's share of `num_samples` examples over all ranks, read from its own `batches` up to
+    there and no further (all of them with `None`); the first `num_samples % world` ranks take one more."""
+    if num_samples is None:
+        samples = list(batches)
+        for batch in samples:
+            examples_in(batch)
+        return samples
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise UsageError(f"num_samples must be an integer >= 1, or None for every example given; got {num_samples!r}.")
+    world, me = world_size(), process_rank()
+    share = num_samples // world + (me < num_samples % world)
+    samples, have = [], 0
+    for batch in batches if share else ():
+        rows = examples_in(batch)
+        samples.append(batch if have + rows <= share else _head(batch, share - have, rows))
+        have = min(have + rows, share)
+        if have == share:
+            break
+    if have < share:
+        where = f" asks this rank for {share} of them (over {world} ranks)," if world > 1 else ","
+        raise UsageError(
+            f"num_samples={num_samples}{where} but the batches hold only {have} examples; pass more "
+            "batches or lower num_samples (None uses every example given)."
+        )
+    return samples
+
+
+def init_samples(batches: Iterable[Mapping], num_samples: int | None, device: torch.device) -> list[dict]:
+    """`estimate_gradients`' samples, as a list: this rank's share of `num_samples` examples of
+    `batches` (every example with `None`). A `UsageError` is raised on every rank alike."""
+    with raise_together(device):
+        return _take(batches, num_samples)
+
+
+def _shifts_labels(model: nn.Module) -> bool:
+    """Whether the loss predicts label t + 1 at position t (a causal LM), decided as
+    `transformers.Trainer` decides it, plus GPT-2-style `*LMHeadModel`s, which have no `loss_type`."""
+    base = base_model_of(model)
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return False
+    loss_type = getattr(base, "loss_type", None)
+    return LOSS_MAPPING.get(loss_type) is ForCausalLMLoss or (
+        loss_type is None and type(base).__name__.endswith("LMHeadModel")
+    )
+
+
+def _loss_terms(batch: Mapping, shifted: bool, train_step: TrainStep | None) -> int:
+    """How many terms the batch's mean loss averages over."""
+    labels = batch.get("labels")
+    if labels is None:
+        if train_step is None:
+            raise UsageError(
+                "A batch has no 'labels': the one-step gradient needs the training loss. Add labels (for a "
+                "causal LM, input_ids with the prompt and padding set to -100), or pass train_step."
+            )
+        return examples_in(batch)  # the user's loss: one term per example
+    if not isinstance(labels, torch.Tensor):
+        raise UsageError(f"A batch's 'labels' is a {type(labels).__name__}; pass a tensor.")
+    if labels.is_floating_point():  # regression, multi-label: the mean over every element
+        return labels.numel()
+    if shifted and labels.ndim > 1:
+        labels = labels[..., 1:]
+    return int((labels != IGNORE_INDEX).sum())
 
 
 def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _backward_pass(model: nn.Module, batches: Iterable[Mapping], collector, mode: str, device, bar) -> int:
-    """One forward and backward per batch, feeding the collector's hooks; returns this rank's batch count.
-    The bar is updated by hand: `tqdm.auto` wrapping `batches` would iterate them twice (a DataLoader
-    would start its workers twice and draw its seed twice from the global RNG)."""
-    n_batches = 0
-    for batch in batches:
-        if "labels" not in batch:
-            raise UsageError(
-                "A batch has no 'labels': the one-step gradient needs the training loss. "
-                "Add labels (for a causal LM, input_ids with the prompt and padding set to -100)."
-            )
-        if n_batches == collector.max_batches:
-            raise UsageError(
-                f"mode={mode!r} needs all init samples in one micro-batch per rank, got more "
-                "batches; raise the batch size or use mode='accumulate' or 'sketch'."
-            )
-        loss = model(**_to_device(batch, device)).loss
+def _loss(model: nn.Module, batch: Mapping, i: int, device, train_step: TrainStep | None) -> torch.Tensor:
+    batch = _to_device(batch, device)
+    if train_step is None:
+        loss = model(**batch).loss
         if loss is None:
-            raise UsageError("The model returned no .loss for a batch that has labels.")
-        if not torch.isfinite(loss):
-            raise UsageError(f"The loss of batch {n_batches} is {loss.item()}; check the data and labels.")
-        loss.backward()
-        n_batches += 1
+            raise UsageError("The model returned no .loss for a batch that has labels; pass train_step.")
+    else:
+        loss = train_step(model, batch)
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            raise UsageError(
+                f"train_step returned {type(loss).__name__} {getattr(loss, 'shape', '')} for batch {i}; it "
+                "must return the batch's mean loss as a scalar tensor."
+            )
+    if not torch.isfinite(loss):
+        raise UsageError(f"The loss of batch {i} is {loss.item()}; check the data and labels.")
+    return loss
+
+
+def _backward_pass(model, samples, scales, collector, device, bar, train_step) -> None:
+    """One forward and backward per batch, its mean loss times its share of all loss terms, feeding
+    the collector's hooks. The bar is updated by hand: `tqdm.auto` wrapping an iterable would iterate it
+    twice. Ranks agree on errors after the pass, or, where the backward itself all-reduces (single-batch,
+    one batch per rank), on the loss before `backward()`."""
+    if collector.reduces_in_backward:
+        with raise_together(device):
+            loss = _loss(model, samples[0], 0, device, train_step)
+        (loss * scales[0]).backward()
         bar.update(1)
-    return n_batches
+        return
+    with raise_together(device):
+        for i, (batch, scale) in enumerate(zip(samples, scales)):
+            if scale:  # a batch without loss terms adds nothing (and its mean loss is 0 / 0)
+                (_loss(model, batch, i, device, train_step) * scale).backward()
+            bar.update(1)
 
 
-def _resolve_passes(passes, mode: str, batches) -> int:
+def _resolve_passes(passes, mode: str) -> int:
     """The number of passes (`None`: the mode's default), checked."""
     if passes is None:
         passes = DEFAULT_SKETCH_PASSES if mode == "sketch" else 1
@@ -237,11 +386,6 @@ def _resolve_passes(passes, mode: str, batches) -> int:
     if passes > 1 and mode != "sketch":
         raise UsageError(
             f"passes={passes} (sketch passes) needs mode='sketch'; mode={mode!r} takes its gradient in one pass."
-        )
-    if passes > 1 and isinstance(batches, Iterator):  # a generator or other one-shot iterator
-        raise UsageError(
-            f"passes={passes} iterates the batches {passes} times, but they are a one-shot iterator "
-            "(e.g. a generator); pass a list or a DataLoader."
         )
     return passes
 
@@ -257,23 +401,34 @@ def estimate_gradients(
     oversample: int | None = None,
     seed: int = 0,
     passes: int | None = None,
+    num_samples: int | None = DEFAULT_NUM_SAMPLES,
+    train_step: TrainStep | None = None,
 ) -> dict[str, torch.Tensor | TopSVD]:
-    """Mean over `batches` (and ranks) of `d model(**batch).loss / dW` for every target `nn.Linear`.
+    """`d L / dW` for every target `nn.Linear`, `L` the mean loss over all loss terms of the
+    `num_samples` examples (of all ranks) read from `batches` (see the module docstring).
 
     Args:
         model: a transformers model, or a `PeftModel` (then the targets are the base layers of its LoRA
             layers and the gradient is taken at the model's current function).
-        batches: an iterable of model-input dicts with `labels`, e.g. a DataLoader. Under
-            `torch.distributed`, each rank passes its own shard. With `passes > 1`, a re-iterable
-            (a list or a DataLoader) that yields the same samples each time, in any order.
+        batches: an iterable of model-input dicts with `labels`, e.g. a DataLoader (shuffling or not) or
+            a generator. Under `torch.distributed`, each rank passes its own.
         target_modules: what PEFT's `LoraConfig.target_modules` accepts; `"all-linear"` by default.
         mode: `accumulate` (default), `single-batch` or `sketch`, see the module docstring.
         offload: `accumulate` mode keeps its fp32 accumulators on CPU.
         rank, oversample, seed: the top-`rank` SVD of `single-batch` and `sketch` modes, the sketch's
             oversampling (`k = rank + oversample`, default `3 * rank`) and the test matrices' seed.
-        passes: `sketch` mode's passes over the batches (default `DEFAULT_SKETCH_PASSES` = 2); each
+        passes: `sketch` mode's passes over the samples (default `DEFAULT_SKETCH_PASSES` = 2); each
             further pass is another forward and backward over all of them and sharpens the top-r
             subspace (README: sketch accuracy). Other modes take one.
+        num_samples: the number of examples used, over all ranks (default 8, the reference's N). Each
+            rank reads its share (`num_samples // world`, the first `num_samples % world` ranks one
+            more) from its own `batches` and stops there, slicing the last batch if it straddles the
+            boundary; too few is an error. `None`: every example of `batches` (for callers that built
+            exactly the init batches).
+        train_step: `train_step(model, batch) -> loss` replaces `model(**batch).loss` (the batch is on
+            the model's device), so that `G` is the gradient of your own loss. The loss is taken as the
+            batch's mean over its loss terms (counted as above; one per example for a batch without
+            `labels`, which is then allowed) and weighted like the model's.
 
     Returns:
         `{module name: G}` (fp32, `(out, in)`) in `accumulate` mode, `{module name: TopSVD of G}`
@@ -283,7 +438,7 @@ def estimate_gradients(
         raise UsageError(f"Unknown gradient mode {mode!r}; use one of {', '.join(MODES)}.")
     if mode != "accumulate" and not rank:
         raise UsageError(f"mode={mode!r} needs the LoRA rank (rank=r) to size its SVD.")
-    passes = _resolve_passes(passes, mode, batches)
+    passes = _resolve_passes(passes, mode)
     targets = find_target_linears(model, target_modules)
     weights = {name: module.weight for name, module in targets.items()}
     _refuse_sharded_weights(model, weights)
@@ -298,28 +453,39 @@ def estimate_gradients(
     device = next(iter(weights.values())).device
     collector_cls = {"accumulate": _Accumulate, "single-batch": _SingleBatch, "sketch": _Sketch}[mode]
 
-    def total(n_batches: int) -> int:  # over the ranks, so that every rank raises alike
-        return int(all_reduce_sum(torch.tensor([n_batches], dtype=torch.float64, device=device)).item())
+    shifted = _shifts_labels(model)
+    with raise_together(device):
+        samples = _take(batches, num_samples)
+        terms = [_loss_terms(b, shifted, train_step) for b in samples]
+        if collector_cls.reduces_in_backward and len(samples) != 1:
+            raise UsageError(
+                f"mode={mode!r} needs exactly one micro-batch per rank, holding all of its init samples; "
+                f"this rank has {len(samples)}. Give every rank one batch (raise the batch size), or use "
+                "mode='accumulate' or 'sketch'."
+            )
+    local = [sum(terms), sum(examples_in(b) for b in samples), len(samples)]
+    n_terms, n_examples, n_batches = map(int, all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist())
+    if n_examples == 0:
+        raise UsageError("No batches were given: the one-step gradient needs at least one training example.")
+    if n_terms == 0:
+        raise UsageError("The init samples have nothing to predict: every label is -100. Check the data and labels.")
+    if progress and is_main_process():
+        ranks = f" over {world_size()} processes" if world_size() > 1 else ""
+        print(f"one-step gradient: {n_examples} samples, {n_terms} loss terms, {n_batches} micro-batches{ranks}",
+              flush=True)
+    scales = [t / n_terms for t in terms]
 
     with _estimation_state(model, weights, collector_cls.weights_need_grad):
         collector = collector_cls(targets, offload=offload, rank=rank, seed=seed, oversample=oversample, model=model)
         try:
             for p in range(1, passes + 1):
                 if p > 1:
-                    collector.next_pass(n_total)
+                    collector.next_pass()
                 desc = f"one-step gradient ({mode}" + (f", pass {p}/{passes})" if passes > 1 else ")")
-                size = len(batches) if hasattr(batches, "__len__") else None
-                with tqdm(total=size, desc=desc, unit="batch", disable=not (progress and is_main_process())) as bar:
-                    n_pass = total(_backward_pass(model, batches, collector, mode, device, bar))
-                if p > 1 and n_pass != n_total:
-                    raise UsageError(
-                        f"Pass {p} saw {n_pass} batches, pass 1 saw {n_total}: with passes > 1 the batches "
-                        "must yield the same data each time; pass a list or a DataLoader."
-                    )
-                if n_pass == 0:
-                    raise UsageError("No batches were given: the one-step gradient needs at least one training batch.")
-                n_total = n_pass
+                with tqdm(total=len(samples), desc=desc, unit="batch",
+                          disable=not (progress and is_main_process())) as bar:
+                    _backward_pass(model, samples, scales, collector, device, bar, train_step)
         finally:
             for h in collector.handles:
                 h.remove()
-        return collector.finish(n_total)
+        return collector.finish()

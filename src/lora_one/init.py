@@ -26,6 +26,7 @@ from lora_one.gradients import (
     init_samples,
 )
 from lora_one.parallel import all_reduce_sum, world_size
+from lora_one.save import guard_original_base
 from lora_one.spectral import (
     BASE_CHANGING_VARIANTS,
     GRADIENT_VARIANTS,
@@ -71,6 +72,8 @@ def _keep_initial_state(peft_model: PeftModel, adapter: str, variant: str) -> No
     peft_model.lora_one_initial_state = (
         _initial_state(peft_model, adapter) if variant in BASE_CHANGING_VARIANTS else None
     )
+    if variant in BASE_CHANGING_VARIANTS:  # PEFT's own save would fit only the residual base
+        guard_original_base(peft_model)
 
 
 def _subtract_adapter(layer, adapter: str, variant: str) -> None:

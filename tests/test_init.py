@@ -93,7 +93,8 @@ def test_sequence_classification_round_trip(tmp_path):
 def test_same_seed_gives_bit_identical_adapter(variant, tmp_path):
     for run in ("a", "b"):
         model = tiny_llama()
-        peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), lm_batches(), variant=variant, seed=3, num_samples=4)
+        peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), lm_batches(), variant=variant, seed=3,
+                                        num_samples=4)
         save_adapter(peft_model, tmp_path / run)
     a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -101,24 +101,27 @@ def test_loss_terms_count_what_the_model_loss_averages(llama):
     torch.testing.assert_close(mean, sum(sums) / 3)
 
 
-def test_rank_shares_add_up_to_the_micro_batch_loss(llama):
-    """Rebuild a micro-batch's mean loss from each rank's weighted part, as DDP averages it."""
+def test_rank_shares_add_up_to_the_step_loss(llama):
+    """Rebuild the mean loss of a step of two micro-batches (grad_accum = 2) from each rank's weighted
+    part of each micro-batch, as DDP averages it."""
     model, _ = llama
     g = torch.Generator().manual_seed(0)
     feats = [{"input_ids": ids, "labels": [-100] * n + ids[n:]}
              for ids, n in ((torch.randint(1, 30, (L,), generator=g).tolist(), L // 2) for L in (5, 9, 7, 12, 6))]
-    idx = [3, 0, 4, 1, 2]
+    micro = [[3, 0, 4], [1, 2]]
+    step_terms = sum(loss_terms(f) for f in feats)
     with torch.no_grad():
-        whole = model(**collate([feats[i] for i in idx], pad_id=0)).loss
+        whole = model(**collate(feats, pad_id=0)).loss
         for world in (1, 2, 3, 7):
             parts = []
-            for rank in range(world):
-                mine, weight = rank_share(feats, idx, rank, world)
-                parts.append(model(**collate(mine, pad_id=0)).loss * weight)
-                assert weight > 0 or rank >= len(idx)  # only a rank without examples idles
+            for idx in micro:
+                for rank in range(world):
+                    mine, weight = rank_share(feats, idx, rank, world, step_terms)
+                    parts.append(model(**collate(mine, pad_id=0)).loss * weight)
+                    assert weight > 0 or rank >= len(idx)  # only a rank without examples idles
             torch.testing.assert_close(sum(parts) / world, whole)
     with pytest.raises(ValueError, match="no tokens to predict"):
-        rank_share([{"input_ids": [1, 2], "labels": [1, -100]}], [0], 0, 2)
+        rank_share([{"input_ids": [1, 2], "labels": [1, -100]}], [0], 0, 2, 1)
 
 
 def test_lora_plus_and_preconditioned_optimizer(llama):

@@ -154,7 +154,9 @@ class _Accumulate:
 
     def __init__(self, targets, offload: bool, **_):
         self.sums = {
-            n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device="cpu" if offload else m.weight.device)
+            n: torch.zeros(
+                m.out_features, m.in_features, dtype=torch.float32, device="cpu" if offload else m.weight.device
+            )
             for n, m in targets.items()
         }
         self.handles = [m.weight.register_post_accumulate_grad_hook(self._hook(n)) for n, m in targets.items()]
@@ -464,7 +466,8 @@ def estimate_gradients(
                 "mode='accumulate' or 'sketch'."
             )
     local = [sum(terms), sum(examples_in(b) for b in samples), len(samples)]
-    n_terms, n_examples, n_batches = map(int, all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).tolist())
+    totals = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device))
+    n_terms, n_examples, n_batches = map(int, totals.tolist())
     if n_examples == 0:
         raise UsageError("No batches were given: the one-step gradient needs at least one training example.")
     if n_terms == 0:

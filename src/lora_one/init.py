@@ -111,7 +111,7 @@ def init_lora_one(
         raise UsageError("The model has no LoRA layers; wrap it with peft.get_peft_model first.")
     grads = {_normalise_name(k): v for k, v in (gradients or {}).items()}
     for name, layer in layers.items():  # validate everything before touching any weight
-        check_rank(tuple(layer.get_base_layer().weight.shape), layer.r[adapter], f"layer {name!r}")
+        check_rank((layer.out_features, layer.in_features), layer.r[adapter], f"layer {name!r}")
         if variant in NEEDS_GRADIENT and name not in grads:
             raise UsageError(
                 f"No gradient for LoRA layer {name!r}; estimate_gradients must cover the same "
@@ -151,7 +151,7 @@ def init_lora_one(
             stats.append(
                 {
                     "layer": name,
-                    "shape": list(base.weight.shape),
+                    "shape": [layer.out_features, layer.in_features],  # not a packed weight's
                     "sigma_1": sigma_1,
                     "relative_update": float(delta.norm() / base.weight.float().norm()),
                 }

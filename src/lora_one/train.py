@@ -11,7 +11,8 @@ still whole: checkpoints are written to a temporary file and renamed into place)
 
 Under `torchrun` / `accelerate launch` (an initialised `torch.distributed` group) the model is wrapped
 in `DistributedDataParallel` and every micro-batch of the single-process run is split across the
-ranks, each rank's loss weighted by its share of the micro-batch's loss terms. So `--batch-size` is
+ranks, each rank's mean loss weighted by its share of the loss terms of the whole optimizer step (so
+are the `grad_accum` micro-batches of one step: one full-batch gradient per step). So `--batch-size` is
 the global micro-batch, the steps and the data order do not depend on the number of processes, and
 the adapter equals the single-process one up to float rounding. Only rank 0 evaluates and writes.
 """
@@ -161,18 +162,22 @@ class BatchOrder:
         return self._perm[j * self.batch_size : (j + 1) * self.batch_size]
 
 
-def rank_share(features: list[dict], idx: list[int], rank: int, world: int) -> tuple[list[dict], float]:
+def rank_share(
+    features: list[dict], idx: list[int], rank: int, world: int, step_terms: int
+) -> tuple[list[dict], float]:
     """This rank's examples of the micro-batch `idx` (every `world`-th one) and the weight that turns
-    their mean loss into `world` times their share of the micro-batch's mean loss (DDP's gradient
-    average divides the `world` out). A rank left without loss terms (a short last batch) runs one
-    example at weight 0, so that it still joins the gradient all-reduce."""
+    their mean loss into `world` times their part of the mean loss over all `step_terms` loss terms of
+    the optimizer step (DDP's gradient average divides the `world` out): so the step's gradient is one
+    full-batch gradient whatever `grad_accum` and the number of processes (Trainer's
+    `num_items_in_batch`). A rank left without loss terms (a short last batch) runs one example at
+    weight 0, so that it still joins the gradient all-reduce."""
     terms = [loss_terms(features[i]) for i in idx]
     total, mine = sum(terms), sum(terms[rank::world])
     if total == 0:
         raise UsageError("A training micro-batch has no tokens to predict; check the data's responses.")
     if mine == 0:
         return [features[idx[terms.index(max(terms))]]], 0.0
-    return [features[i] for i in idx[rank::world]], mine * world / total
+    return [features[i] for i in idx[rank::world]], mine * world / step_terms
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -388,20 +393,22 @@ def train(
                 if any_rank(flag["stop"], device):
                     break
                 t = time.perf_counter()
+                micro = [order[step * s.grad_accum + k] for k in range(s.grad_accum)]
+                step_terms = sum(loss_terms(features[i]) for idx in micro for i in idx)
                 micro_losses = torch.zeros(s.grad_accum, dtype=torch.float64, device=device)
-                for k in range(s.grad_accum):
-                    feats, weight = rank_share(features, order[step * s.grad_accum + k], rank, world)
+                for k, idx in enumerate(micro):
+                    feats, weight = rank_share(features, idx, rank, world, step_terms)
                     batch = {key: v.to(device) for key, v in collate(feats, pad_id).items()}
                     last = k == s.grad_accum - 1
                     with nullcontext() if ddp is None or last else ddp.no_sync():  # all-reduce once per step
                         with autocast:
                             loss = forward(**batch).loss
-                        (loss * (weight / s.grad_accum)).backward()
+                        (loss * weight).backward()
                     micro_losses[k] = loss.detach() * (weight / world)
-                micro_losses = parallel.all_reduce_sum(micro_losses)  # each micro-batch's mean loss
-                if not torch.isfinite(micro_losses).all():
+                step_loss = parallel.all_reduce_sum(micro_losses).sum()  # the mean over the step's loss terms
+                if not torch.isfinite(step_loss):
                     raise UsageError(
-                        f"The training loss became {micro_losses.tolist()} at step {step + 1}; lower the learning rate."
+                        f"The training loss became {step_loss.item()} at step {step + 1}; lower the learning rate."
                     )
                 if s.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
@@ -411,7 +418,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 timers["train"] += time.perf_counter() - t
-                entry = {"step": step, "train_loss": micro_losses.mean().item(), "lr": lr}
+                entry = {"step": step, "train_loss": step_loss.item(), "lr": lr}
                 log.log(entry)
                 bar.update(1)
                 bar.set_postfix(loss=f"{entry['train_loss']:.4f}", lr=f"{lr:.2e}")

@@ -6,6 +6,7 @@
     save_adapter(peft_model, "out")   # stock PEFT adapter + lora_one.json sidecar
 """
 
+from lora_one.callback import LoraOneCallback
 from lora_one.gradients import estimate_gradients
 from lora_one.init import get_lora_one_model, init_lora_one
 from lora_one.optim import create_optimizer
@@ -18,5 +19,6 @@ __all__ = [
     "get_lora_one_model",
     "create_optimizer",
     "save_adapter",
+    "LoraOneCallback",
     "VARIANTS",
 ]

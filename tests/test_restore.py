@@ -28,11 +28,12 @@ def no_init_work(monkeypatch):
         monkeypatch.setattr(LoraLayer, name, init_again)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variant", VARIANTS)
+# bf16 for the variants whose residual base weight is recomputed (a cast back after fp32 arithmetic)
+CASES = [(v, torch.float32) for v in VARIANTS] + [(v, torch.bfloat16) for v in ("lora-one-v1", "lora-ga", "pissa")]
+
+
+@pytest.mark.parametrize("variant,dtype", CASES)
 def test_restore_is_the_init_bit_for_bit(variant, dtype, tmp_path, monkeypatch):
-    if dtype == torch.bfloat16 and variant not in ("lora-one-v1", "lora-ga", "pissa"):
-        pytest.skip("the base-changing variants are the ones whose residual base is recomputed")
     batches = lm_batches(8, batch_size=3)
     made = get_lora_one_model(tiny_llama().to(dtype), config(), batches, variant=variant, progress=False)
     torch.save(lora_one_state(made), tmp_path / "state.pt")

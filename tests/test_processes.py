@@ -1,0 +1,74 @@
+"""Several processes on one machine: the packaged GGUF model is converted once, and the process group's
+collectives wait long enough for rank 0 to evaluate alone."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from lora_one import models, parallel
+from lora_one.errors import UsageError
+
+
+def _rank_on_a_fresh_machine(root: Path, barrier, results) -> None:
+    """One forked process: resolve the alias once the other is ready too. The conversion is replaced by
+    a stand-in that logs its call and is slow, so that both processes are inside it at once unless
+    something keeps the second one out; it publishes its folder by a rename, as a real save does."""
+
+    def slow_conversion(gguf: Path, dest: Path) -> None:
+        with open(root / "conversions.log", "a") as log:
+            log.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text("{}")
+        os.rename(tmp, dest)
+
+    models._convert_gguf = slow_conversion  # in this child only
+    models._package_dir = lambda package, alias: root / "package"
+    barrier.wait()
+    results.put(str(models.resolve_model_path("smollm2-135m")))
+
+
+def test_two_processes_on_a_fresh_machine_convert_the_gguf_once(tmp_path, monkeypatch, capfd):
+    (tmp_path / "package").mkdir()
+    (tmp_path / "package" / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("LORA_ONE_CACHE", str(tmp_path / "cache"))
+    ctx = multiprocessing.get_context("fork")  # the children share this process's imports: fast
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_rank_on_a_fresh_machine, args=(tmp_path, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    dest = str(tmp_path / "cache" / "smollm2-135m-instruct")
+    assert [results.get(timeout=5) for _ in procs] == [dest, dest]
+    assert len((tmp_path / "conversions.log").read_text().splitlines()) == 1
+    assert capfd.readouterr().out.count("Converting model.gguf once") == 1
+
+
+def test_collectives_wait_two_hours_by_default_or_as_set(monkeypatch):
+    """NCCL's own default (10 minutes) is shorter than an evaluation rank 0 may run while the others wait."""
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: seen.append((backend, kwargs)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv(parallel.TIMEOUT_VAR, raising=False)
+    with parallel.process_group("cpu"):
+        pass
+    monkeypatch.setenv(parallel.TIMEOUT_VAR, "90")
+    with parallel.process_group("cpu"):
+        pass
+    assert seen == [("gloo", {"timeout": timedelta(hours=2)}), ("gloo", {"timeout": timedelta(seconds=90)})]
+    for bad in ("ten", "0", "-5", "inf", "nan"):
+        monkeypatch.setenv(parallel.TIMEOUT_VAR, bad)
+        with (pytest.raises(UsageError, match=f"{parallel.TIMEOUT_VAR}='{bad}' must be a number of seconds > 0"),
+              parallel.process_group("cpu")):
+            pass

@@ -74,3 +74,20 @@ def test_plain_adamw_and_bad_lr():
     )
     with pytest.raises(ValueError, match="learning rate must be positive"):
         create_optimizer(model, lr=0.0)
+
+
+def test_weight_decay_has_one_default_zero():
+    """No weight decay unless asked for, as in the authors' recipe and in `lora-one finetune` (torch's
+    AdamW alone would decay by 0.01), with or without the preconditioner."""
+    import inspect
+
+    from lora_one.finetune import finetune_args
+
+    model = get_lora_one_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), None, variant="lora")
+    for preconditioned in (False, True):
+        groups = create_optimizer(model, lr=1e-3, precondition=preconditioned).param_groups
+        assert [g["weight_decay"] for g in groups] == [0.0] * len(groups)
+        groups = create_optimizer(model, lr=1e-3, precondition=preconditioned, weight_decay=0.1).param_groups
+        assert [g["weight_decay"] for g in groups] == [0.1] * len(groups)
+    cli_default = finetune_args(model="m", data="d", out="o").weight_decay
+    assert cli_default == inspect.signature(create_optimizer).parameters["weight_decay"].default == 0.0

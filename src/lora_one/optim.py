@@ -17,10 +17,14 @@ def create_optimizer(
     lr: float,
     precondition: bool = False,
     reg: float = DEFAULT_REG,
+    weight_decay: float = 0.0,
     **adamw_kwargs,
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; with `precondition=True`, each LoRA pair's gradients are
     first multiplied by `(B^T B + reg I)^-1` (for A) and `(A A^T + reg I)^-1` (for B).
+
+    `weight_decay` defaults to 0, as in the authors' recipe and `lora-one finetune` (torch's AdamW
+    would decay by 0.01); other `adamw_kwargs` (betas, eps, ...) go to AdamW as they are.
 
     The preconditioner is PEFT's `create_riemannian_optimizer`, which pairs `lora_A`/`lora_B` by name,
     computes the `r x r` inverses in fp32 from the factors before the step and never falls back to
@@ -32,8 +36,9 @@ def create_optimizer(
     if not reg >= 0:
         raise UsageError(f"preconditioner damping reg must be >= 0, got {reg}.")
     if precondition:
-        return create_riemannian_optimizer(peft_model, torch.optim.AdamW, lr=lr, reg=reg, **adamw_kwargs)
+        return create_riemannian_optimizer(peft_model, torch.optim.AdamW, lr=lr, reg=reg, weight_decay=weight_decay,
+                                           **adamw_kwargs)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("The model has no trainable parameters; wrap it with PEFT first.")
-    return torch.optim.AdamW(params, lr=lr, **adamw_kwargs)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **adamw_kwargs)

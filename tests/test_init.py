@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -129,3 +130,22 @@ def test_init_accepts_peft_model_names():
     init_lora_one(peft_b, {f"base_model.model.{k}.base_layer": v for k, v in G.items()})
     for (na, pa), (nb, pb) in zip(peft_a.named_parameters(), peft_b.named_parameters()):
         assert na == nb and torch.equal(pa, pb)
+
+
+def test_lora_one_without_rslora_warns_of_its_sqrt_r_smaller_step():
+    """`use_rslora=False` scales by alpha / r instead of the spec's alpha / sqrt(r): lora-one's step-0
+    update is sqrt(r) = 2 times smaller, and get_lora_one_model says so once; PEFT's own inits do not warn."""
+    model, batches = tiny_llama(), lm_batches()
+    updates = {}
+    for variant, rslora in (("lora-one", True), ("lora-one", False), ("lora", False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            peft_model = get_lora_one_model(copy.deepcopy(model), LoraConfig(**{**CONFIG, "use_rslora": rslora}),
+                                            batches, variant=variant, progress=False, num_samples=4)
+        said = [str(w.message) for w in caught if "use_rslora" in str(w.message)]
+        assert len(said) == (variant == "lora-one" and not rslora), said
+        assert all("Pass use_rslora=True" in m for m in said)
+        layer = dict(lora_pairs(peft_model))["model.layers.0.mlp.down_proj"]
+        updates[variant, rslora] = layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+    ratio = updates["lora-one", True].norm() / updates["lora-one", False].norm()
+    assert float(ratio) == pytest.approx(4**0.5, rel=1e-5)

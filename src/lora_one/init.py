@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -246,8 +247,17 @@ def get_lora_one_model(
     all of them) and with `train_step`, both as `estimate_gradients` takes them. Under
     `torch.distributed`, each rank passes its own batches and gets the same adapter.
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
+    The LoRA-One variants expect `use_rslora=True` (the spec's default) and warn without it.
     """
     check_variant(variant)
+    if variant in GRADIENT_VARIANTS and not lora_config.use_rslora:
+        warnings.warn(
+            f"LoraConfig(use_rslora=False) with variant {variant!r}: the adapter is scaled by alpha / r, sqrt(r) "
+            "times less than by the alpha / sqrt(r) of LoRA-One's default, so its update (for lora-one and "
+            "spectral, the step-0 update itself) is sqrt(r) times smaller. Pass use_rslora=True unless you "
+            "mean it.",
+            stacklevel=2,
+        )
     for name, linear in find_target_linears(model, lora_config.target_modules).items():
         check_rank((linear.out_features, linear.in_features), lora_config.r, f"layer {name!r}")
     device = next(model.parameters()).device  # NCCL reduces on the GPU

@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
+from lora_one import parallel
+from lora_one.config import DEFAULT_MAX_LENGTH, check_shared_settings, check_writable, complete_model_settings
 from lora_one.data import (
+    TOO_LONG,
     Fields,
     causal_lm_features,
     classification_features,
@@ -34,9 +37,14 @@ from lora_one.toys import add_toy_parser
 
 def add_model_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="alias (smollm2-135m, minilm-l6) or a local HF folder")
-    p.add_argument("--data", required=True, help="training data, JSONL or CSV")
+    p.add_argument("--data", required=True, help="training data: JSON Lines, a JSON array or CSV (UTF-8)")
     p.add_argument("--task", choices=TASKS, help="default: causal-lm for *ForCausalLM models, else classification")
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int,
+                   help=f"tokens per example (default: {DEFAULT_MAX_LENGTH}, or the model's positions if fewer)")
+    p.add_argument("--too-long", choices=TOO_LONG, default="truncate",
+                   help="a longer record: truncate (causal LM: the prompt's start; classification: the text's "
+                   "end), skip, or error; the count is printed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--response-field", default="response")
     p.add_argument("--text-field", default="text")
@@ -81,6 +89,7 @@ def target_modules_of(args):
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, an --out that cannot be a folder of outputs or holds files (unless --overwrite)."""
     check_out_folder(out)
+    check_writable(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {str(out)!r} exists and is not empty; pass --overwrite or choose another folder.")
 
@@ -105,10 +114,13 @@ def load_task_data(args, path: str):
     label2id = None if task == CAUSAL_LM else label_mapping(records, fields)
     model, tokenizer, task = load_model(args.model, task, num_labels=len(label2id) if label2id else None)
     if task == CAUSAL_LM:
-        feats = causal_lm_features(records, tokenizer, args.max_length, fields, args.chat_template)
+        feats = causal_lm_features(records, tokenizer, args.max_length, fields, args.chat_template, args.too_long)
     else:
         model.config.label2id, model.config.id2label = label2id, {i: k for k, i in label2id.items()}
-        feats = classification_features(records, tokenizer, args.max_length, label2id, fields)
+        feats = classification_features(records, tokenizer, args.max_length, label2id, fields, args.too_long)
+    if feats.note and parallel.is_main_process():
+        print(f"{path}: {feats.note}", flush=True)
+    records = [records[i] for i in feats.kept]  # one record per feature, as the callers index them
     return model, tokenizer, task, records, feats, label2id
 
 
@@ -122,9 +134,12 @@ def print_layer_table(stats: list[dict]) -> None:
 
 def cmd_init(args) -> None:
     out = Path(args.out)
+    check_shared_settings(args)
     check_out_dir(out, args.overwrite)
+    complete_model_settings(args)
     torch.manual_seed(args.seed)
     model, tokenizer, task, _, feats, _ = load_task_data(args, args.data)
+    model.to(args.device)
     batches = init_batches(feats, args.init_samples, args.init_batch_size, args.seed, tokenizer.pad_token_id)
     peft_model = get_lora_one_model(
         model, lora_config_of(args, task), batches, variant=args.variant, gamma=args.gamma,

@@ -4,16 +4,23 @@
 options the user typed are told apart from those left alone whatever their value. `resolve(args)`
 fills the rest from the config file and then from the real defaults. Keys are the options' long
 names, with `-` or `_`. A finished run's `args.json` loads back as a config (JSON is YAML).
+
+`check_shared_settings` refuses bad settings that `init` and `finetune` share, before anything is
+loaded, and `complete_model_settings` fills the defaults that depend on the machine or the model:
+one place, so that both commands accept the same settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import yaml
 
 from lora_one.errors import UsageError
+from lora_one.models import max_positions, resolve_model_path
+from lora_one.parallel import resolve_device
 
 
 class _Unset:
@@ -24,6 +31,8 @@ class _Unset:
 UNSET = _Unset()
 # Keys of a saved args.json that are not settings of the run itself.
 NOT_SETTINGS = ("command", "config")
+# --max-length when not given, unless the model has fewer positions.
+DEFAULT_MAX_LENGTH = 256
 
 
 def config_aware(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -115,3 +124,53 @@ def settings_of(args: argparse.Namespace) -> dict:
         for k, v in sorted(vars(args).items())
         if not k.startswith("_") and k not in NOT_SETTINGS and k != "func"
     }
+
+
+def check_shared_settings(args: argparse.Namespace) -> None:
+    """Refuse bad values of the settings `init` and `finetune` share (the LoRA, init and data options,
+    `--device`), before anything is loaded."""
+    problems = []
+    if args.rank < 1:
+        problems.append(f"--rank must be >= 1, got {args.rank}")
+    if not args.alpha > 0:
+        problems.append(f"--alpha must be > 0, got {args.alpha} (a negative scale would step up the gradient)")
+    if not args.gamma > 0:
+        problems.append(f"--gamma must be > 0, got {args.gamma}")
+    if args.init_samples < 1 or args.init_batch_size < 1:
+        problems.append(f"--init-samples and --init-batch-size must be >= 1, got {args.init_samples} and "
+                        f"{args.init_batch_size}")
+    if args.sketch_passes is not None and args.sketch_passes < 1:
+        problems.append(f"--sketch-passes must be >= 1, got {args.sketch_passes}")
+    if args.max_length is not None and args.max_length < 2:
+        problems.append(f"--max-length must be >= 2, got {args.max_length}")
+    if problems:
+        raise UsageError("; ".join(problems) + ".")
+    resolve_device(args.device)
+
+
+def complete_model_settings(args: argparse.Namespace) -> None:
+    """Fill `--device auto` (with the kind of device: under a launcher each process takes its own
+    index) and the default `--max-length` (256, or fewer when the model has fewer positions); refuse a
+    `--max-length` above the model's positions."""
+    if args.device == "auto":
+        args.device = resolve_device("auto").type
+    positions = max_positions(resolve_model_path(args.model))
+    if args.max_length is None:
+        args.max_length = min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+    elif positions and args.max_length > positions:
+        raise UsageError(f"--max-length {args.max_length} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings); give --max-length {positions} or less.")
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be made: outputs are written into a temporary
+    sibling first, so the nearest existing folder above `path` must be a folder we may write in."""
+    where = Path(os.path.abspath(path)).parent
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise UsageError(f"{flag} {str(path)!r}: {str(where)!r} is a file, so nothing can be made under it; "
+                         "choose another path.")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(path)!r}: no permission to write in {str(where)!r}; choose a folder you "
+                         "can write in.")

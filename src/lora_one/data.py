@@ -1,12 +1,14 @@
-"""Training data: JSONL or CSV records -> tokenised features -> padded batches.
+"""Training data: JSON Lines, JSON or CSV records -> tokenised features -> padded batches.
 
 Causal LM records have a prompt and a response (the prompt tokens are masked out of the loss with
--100); classification records have a text and a label.
+-100); classification records have a text and a label. Records longer than `max_length` tokens are
+truncated, skipped or refused (`too_long`), and counted.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from lora_one.errors import UsageError
 from lora_one.models import CAUSAL_LM
 
 IGNORE_INDEX = -100
+# What to do with a record longer than --max-length tokens.
+TOO_LONG = ("truncate", "skip", "error")
 
 
 @dataclass
@@ -33,34 +37,61 @@ class Fields:
 
 
 def read_records(path: str | Path, task: str, fields: Fields = Fields()) -> list[dict]:
-    """Read a JSONL (`.jsonl`/`.json`) or CSV (`.csv`/`.tsv`) file, or an embedded data set
-    (`trec`, `sentiment`, optionally `:train`/`:val`/`:test`), and check its fields."""
+    """Read JSON Lines (`.jsonl`/`.json`, one object a line), a `.json` file holding an array of objects,
+    CSV (`.csv`, or `.tsv` tab-separated; a header row names the fields) or an embedded data set (`trec`,
+    `sentiment`, optionally `:train`/`:val`/`:test`), and check its fields. Files are UTF-8, with or
+    without a byte-order mark (spreadsheet programs write one)."""
     if embedded_data.is_embedded(str(path)):
         return _check_fields(embedded_data.load(str(path)), str(path), task, fields)
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"Data file {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise UsageError(
+            f"Cannot read {str(path)!r}: use a .jsonl file (one JSON object a line), a .json array of objects "
+            "or a .csv file with a header row."
+        )
     try:
-        if suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8") as f:
-                records = [json.loads(line) for line in f if line.strip()]
-        elif suffix in (".csv", ".tsv"):
-            with path.open(encoding="utf-8", newline="") as f:
-                records = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        else:
-            raise UsageError(
-                f"Cannot read {str(path)!r}: use a .jsonl file (one JSON object a line) or a .csv file "
-                "with a header row."
-            )
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-        raise UsageError(f"Cannot parse {str(path)!r} as {suffix[1:].upper()}: {e}") from e
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drop a leading byte-order mark
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); re-encode it "
+            "as UTF-8 (e.g. `iconv -f WINDOWS-1252 -t UTF-8`)."
+        ) from None
+    if suffix in (".csv", ".tsv"):
+        try:
+            records = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+        except csv.Error as e:
+            raise UsageError(f"Cannot parse {str(path)!r} as {suffix[1:].upper()}: {e}.") from None
+    else:
+        records = _parse_json(text, str(path))
     return _check_fields(records, str(path), task, fields)
+
+
+def _parse_json(text: str, path: str) -> list:
+    """The records of a JSON array, or of JSON Lines (blank lines skipped)."""
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"Cannot parse {path!r} as a JSON array: {e}.") from None
+    records = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UsageError(
+                    f"Cannot parse line {n} of {path!r} as JSON ({e}); give JSON Lines (one object a line) "
+                    "or a JSON array of objects."
+                ) from None
+    return records
 
 
 def _check_fields(records: list, path: str, task: str, fields: Fields) -> list[dict]:
     if not records:
-        raise UsageError(f"Data file {str(path)!r} holds no records.")
+        raise UsageError(f"Data file {str(path)!r} holds no records; give one with at least one record.")
     needed = fields.required(task)
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
@@ -89,38 +120,110 @@ def response_ids(tokenizer, response: str) -> list[int]:
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = Fields(), chat_template=False):
-    """`input_ids` = prompt + response + eos; `labels` mask the prompt with -100."""
-    feats = []
+class Features(list):
+    """Encoded examples, one per kept record, and what the length limit did: `kept` holds the indices
+    of the records kept (all of them unless `too_long="skip"`), `note` one line saying how many were
+    truncated or skipped (None when every record fit)."""
+
+    def __init__(self, examples: list[dict], kept: list[int], note: str | None):
+        super().__init__(examples)
+        self.kept, self.note = kept, note
+
+
+class _LengthLimit:
+    """Applies a `too_long` policy to records, counting what it did."""
+
+    def __init__(self, max_length: int, too_long: str, minimum: int):
+        if too_long not in TOO_LONG:
+            raise UsageError(f"too_long={too_long!r}: choose one of {', '.join(TOO_LONG)}.")
+        if max_length < minimum:
+            raise UsageError(f"--max-length must be >= {minimum}, got {max_length}.")
+        self.max_length, self.too_long = max_length, too_long
+        self.kept, self.over, self.records = [], 0, 0
+
+    def admit(self, index: int, length: int) -> bool:
+        """Whether record `index`, `length` tokens long, is used (truncated if too long); False: skip it."""
+        self.records += 1
+        if length > self.max_length:
+            if self.too_long == "error":
+                raise UsageError(
+                    f"Record {index} has {length} tokens, more than --max-length {self.max_length}; raise "
+                    "--max-length (up to the model's positions), or pass --too-long truncate or skip."
+                )
+            self.over += 1
+            if self.too_long == "skip":
+                return False
+        self.kept.append(index)
+        return True
+
+    def result(self, examples: list[dict], how: str) -> Features:
+        if self.over and not self.kept:
+            raise UsageError(
+                f"All {self.records} records are longer than --max-length {self.max_length} tokens; raise "
+                "--max-length or pass --too-long truncate."
+            )
+        note = None
+        if self.over:
+            done = "skipped" if self.too_long == "skip" else "truncated"
+            detail = "" if self.too_long == "skip" else f" ({how})"
+            other = " or ".join(t for t in TOO_LONG if t != self.too_long)
+            note = (f"{done} {self.over} of {self.records} records longer than --max-length {self.max_length} "
+                    f"tokens{detail}; --too-long {other} instead")
+        return Features(examples, self.kept, note)
+
+
+def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = Fields(), chat_template=False,
+                       too_long: str = "truncate", room: int | None = None) -> Features:
+    """`input_ids` = prompt + response + eos; `labels` mask the prompt with -100.
+
+    A record longer than `max_length` tokens is, as `too_long` says, truncated (`truncate`: the
+    prompt loses its start so the response fits; a response that alone does not fit loses its end),
+    skipped (`skip`) or refused (`error`). `room` reserves that many tokens after every prompt instead
+    of its own response's length (the evaluator's room for its longest candidate).
+    """
+    limit = _LengthLimit(max_length, too_long, minimum=2)
+    feats, responses_cut = [], 0
     for i, rec in enumerate(records):
         p_ids = prompt_ids(tokenizer, str(rec[fields.prompt]), chat_template)
         r_ids = response_ids(tokenizer, str(rec[fields.response]))
-        ids = (p_ids + r_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
-        if all(t == IGNORE_INDEX for t in labels):
-            raise UsageError(
-                f"Record {i}: the prompt fills all {max_length} tokens, leaving no response to learn; "
-                "raise --max-length or shorten the prompt."
-            )
-        feats.append({"input_ids": ids, "labels": labels})
-    return feats
+        reserved = len(r_ids) if room is None else room
+        if not limit.admit(i, len(p_ids) + reserved):
+            continue
+        # Keep one prompt token at least: the first token of a sequence is never predicted.
+        keep = min(len(p_ids), max(1, max_length - reserved))
+        p_ids = p_ids[len(p_ids) - keep :]
+        responses_cut += len(r_ids) > max_length - len(p_ids)
+        r_ids = r_ids[: max_length - len(p_ids)]
+        feats.append({"input_ids": p_ids + r_ids, "labels": [IGNORE_INDEX] * len(p_ids) + r_ids})
+    cut = f"; the response's end too in {responses_cut}" if responses_cut else ""
+    return limit.result(feats, f"cut the prompt's start{cut}")
 
 
 def label_mapping(records, fields: Fields = Fields()) -> dict[str, int]:
     return {lab: i for i, lab in enumerate(sorted({str(r[fields.label]) for r in records}))}
 
 
-def classification_features(records, tokenizer, max_length: int, label2id: dict, fields: Fields = Fields()):
+def classification_features(records, tokenizer, max_length: int, label2id: dict, fields: Fields = Fields(),
+                            too_long: str = "truncate") -> Features:
+    """`input_ids` of the text (with the tokenizer's special tokens), `labels` the class index. A text
+    longer than `max_length` tokens loses its end (`too_long="truncate"`), is skipped or refused."""
+    limit = _LengthLimit(max_length, too_long, minimum=1)
     feats = []
-    for rec in records:
+    for i, rec in enumerate(records):
         label = str(rec[fields.label])
         if label not in label2id:
             raise UsageError(
-                f"Label {label!r} never occurs in the training data (known: {sorted(label2id)})."
+                f"Label {label!r} (record {i}) never occurs in the training data (known: {sorted(label2id)}); "
+                "evaluate on records with known labels, or add some to the training data."
             )
-        ids = tokenizer(str(rec[fields.text]), truncation=True, max_length=max_length)["input_ids"]
+        # One token over the limit is enough to tell a text that does not fit.
+        ids = tokenizer(str(rec[fields.text]), truncation=True, max_length=max_length + 1)["input_ids"]
+        if not limit.admit(i, len(ids)):
+            continue
+        if len(ids) > max_length:  # again, so the tokenizer keeps its end-of-text tokens
+            ids = tokenizer(str(rec[fields.text]), truncation=True, max_length=max_length)["input_ids"]
         feats.append({"input_ids": ids, "labels": label2id[label]})
-    return feats
+    return limit.result(feats, "cut the text's end")
 
 
 def loss_terms(feature: dict) -> int:

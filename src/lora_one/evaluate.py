@@ -23,19 +23,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lora_one.config import check_writable, complete_model_settings
 from lora_one.data import (
     IGNORE_INDEX,
     Fields,
     causal_lm_features,
     classification_features,
     collate,
-    prompt_ids,
     read_records,
     response_ids,
 )
 from lora_one.errors import UsageError
 from lora_one.files import write_text_atomic
 from lora_one.models import CAUSAL_LM
+from lora_one.parallel import resolve_device
 
 MAX_CHOICES = 32
 
@@ -188,23 +189,36 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_
 
 
 class CausalLMEvaluator:
-    """`evaluator(model) -> {"loss", "accuracy" | "exact_match", "n"}` on fixed prompt/response records."""
+    """`evaluator(model) -> {"loss", "accuracy" | "exact_match", "n"}` on fixed prompt/response records.
+
+    Every prompt leaves room for the longest candidate (or, for generation, the longest response)
+    within `max_length`; longer records are truncated (the prompt's start), skipped or refused as
+    `too_long` says, as in training, and `note` says how many.
+    """
 
     def __init__(self, records, tokenizer, fields: Fields = Fields(), max_length: int = 256,
                  chat_template: bool = False, choices: Sequence[str] | None = None, batch_size: int = 16,
-                 progress: bool = False):
+                 progress: bool = False, too_long: str = "truncate"):
         self.tokenizer, self.batch_size, self.progress = tokenizer, batch_size, progress
         responses = [str(r[fields.response]) for r in records]
-        self.prompts = [prompt_ids(tokenizer, str(r[fields.prompt]), chat_template) for r in records]
         self.choices = match_choices(choices, responses) if choices else None
         if self.choices:
             self.cand_ids = [response_ids(tokenizer, c) for c in self.choices]
+            room = max(len(c) for c in self.cand_ids)
+        else:
+            room = max(len(response_ids(tokenizer, r)) for r in responses)
+        if room >= max_length:
+            raise UsageError(f"An evaluation {'candidate' if self.choices else 'response'} has {room} tokens (with "
+                             f"eos), leaving no room for a prompt within --max-length {max_length}; raise it.")
+        self.features = causal_lm_features(records, tokenizer, max_length, fields, chat_template, too_long, room)
+        self.note = self.features.note
+        responses = [responses[i] for i in self.features.kept]
+        self.prompts = [f["input_ids"][: f["labels"].count(IGNORE_INDEX)] for f in self.features]
+        if self.choices:
             index = {c.strip(): i for i, c in enumerate(self.choices)}
             self.gold = torch.tensor([index[r.strip()] for r in responses])
         else:
-            self.features = causal_lm_features(records, tokenizer, max_length, fields, chat_template)
-            self.responses = responses
-            self.max_new = max(len(response_ids(tokenizer, r)) for r in responses)
+            self.responses, self.max_new = responses, room
 
     @property
     def metric(self) -> str:
@@ -230,8 +244,10 @@ class ClassificationEvaluator:
 
     metric = "accuracy"
 
-    def __init__(self, features: list[dict], pad_id: int, batch_size: int = 32, progress: bool = False):
+    def __init__(self, features: list[dict], pad_id: int, batch_size: int = 32, progress: bool = False,
+                 note: str | None = None):
         self.features, self.pad_id, self.batch_size, self.progress = features, pad_id, batch_size, progress
+        self.note = note  # what the length limit did to the records
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
@@ -249,11 +265,13 @@ class ClassificationEvaluator:
 
 
 def make_evaluator(task: str, records, tokenizer, fields: Fields, max_length: int, chat_template: bool = False,
-                   choices=None, label2id=None, batch_size: int = 16, progress: bool = False):
+                   choices=None, label2id=None, batch_size: int = 16, progress: bool = False,
+                   too_long: str = "truncate"):
     if task == CAUSAL_LM:
-        return CausalLMEvaluator(records, tokenizer, fields, max_length, chat_template, choices, batch_size, progress)
-    feats = classification_features(records, tokenizer, max_length, label2id, fields)
-    return ClassificationEvaluator(feats, tokenizer.pad_token_id, batch_size, progress)
+        return CausalLMEvaluator(records, tokenizer, fields, max_length, chat_template, choices, batch_size, progress,
+                                 too_long)
+    feats = classification_features(records, tokenizer, max_length, label2id, fields, too_long)
+    return ClassificationEvaluator(feats, tokenizer.pad_token_id, batch_size, progress, feats.note)
 
 
 # ---------------------------------------------------------------- `lora-one eval`
@@ -278,7 +296,13 @@ def cmd_eval(args) -> dict:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    model, tokenizer, task, meta = load_for_eval(args.model, args.adapter, args.task)
+    out = Path(args.out) if args.out else (Path(args.adapter) / "eval.json" if args.adapter else None)
+    if out is not None:  # before the evaluation, which may be long
+        if out.is_dir():
+            raise UsageError(f"--out {str(out)!r} is a folder; give the path of a JSON file.")
+        check_writable(out)
+    complete_model_settings(args)
+    model, tokenizer, task, meta = load_for_eval(args.model, args.adapter, args.task, resolve_device(args.device))
     fields = fields_of(args)
     records = read_records(args.data, task, fields)
     chat_template = args.chat_template or bool(meta.get("chat_template"))
@@ -289,14 +313,15 @@ def cmd_eval(args) -> dict:
             else meta.get("choices") or infer_choices([str(r[fields.response]) for r in records])
         )
     evaluator = make_evaluator(task, records, tokenizer, fields, args.max_length, chat_template, choices,
-                               meta.get("label2id"), args.batch_size, progress=True)
+                               meta.get("label2id"), args.batch_size, progress=True, too_long=args.too_long)
+    if evaluator.note:
+        print(f"{args.data}: {evaluator.note}", flush=True)
     model.eval()
     results = {"model": args.model, "adapter": args.adapter, "data": str(args.data), "task": task,
                "metric": evaluator.metric, **evaluator(model)}
     width = max(len(k) for k in results)
     for k, v in results.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    out = Path(args.out) if args.out else (Path(args.adapter) / "eval.json" if args.adapter else None)
     if out is not None:
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         print(f"wrote {out}")

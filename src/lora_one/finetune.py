@@ -20,13 +20,19 @@ from pathlib import Path
 import torch
 
 from lora_one import embedded_data, parallel
-from lora_one.config import config_aware, resolve, settings_of
+from lora_one.config import (
+    check_shared_settings,
+    check_writable,
+    complete_model_settings,
+    config_aware,
+    resolve,
+    settings_of,
+)
 from lora_one.data import init_batches, init_sample_indices, read_records
 from lora_one.errors import UsageError
 from lora_one.evaluate import infer_choices, make_evaluator, parse_choices
 from lora_one.files import ADAPTER, check_out_folder, remove_ours, write_text_atomic
 from lora_one.init import get_lora_one_model, lora_one_state, restore_lora_one
-from lora_one.load import default_device
 from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, resolve_model_path
 from lora_one.optim import DEFAULT_REG
 from lora_one.plots import plot_loss
@@ -82,7 +88,6 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-data", help="held-out data (default for embedded data: its :val split)")
     g.add_argument("--eval-split", type=float, help="hold out this fraction of --data instead")
@@ -122,18 +127,18 @@ def train_settings_of(args) -> TrainSettings:
 
 
 def _check_settings(args) -> None:
+    """Refuse bad settings before anything is loaded: those shared with `init` in one place
+    (`check_shared_settings`), then the training and evaluation ones."""
+    check_shared_settings(args)
+    check_writable(args.out)
     train_settings_of(args).check()
     problems = []
-    if args.rank < 1:
-        problems.append(f"--rank must be >= 1, got {args.rank}")
-    if not args.alpha > 0 or not args.gamma > 0:
-        problems.append("--alpha and --gamma must be > 0")
-    if args.init_samples < 1 or args.init_batch_size < 1 or args.probe_samples < 1:
-        problems.append("--init-samples, --init-batch-size and --probe-samples must be >= 1")
+    if args.probe_samples < 1:
+        problems.append(f"--probe-samples must be >= 1, got {args.probe_samples}")
     if not args.probe_l2 >= 0:
         problems.append(f"--probe-l2 must be >= 0, got {args.probe_l2}")
-    if args.max_length < 2 or args.eval_batch_size < 1:
-        problems.append("--max-length must be >= 2 and --eval-batch-size >= 1")
+    if args.eval_batch_size < 1:
+        problems.append(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     if args.eval_split is not None and not 0 < args.eval_split < 1:
         problems.append(f"--eval-split must lie in (0, 1), got {args.eval_split}")
     if args.eval_split is not None and args.eval_data:
@@ -152,8 +157,7 @@ def _complete_defaults(args) -> None:
         name, _, split = data.partition(":")
         if split in ("", "train"):
             args.eval_data = f"{name}:val"
-    if args.device == "auto":
-        args.device = default_device().type
+    complete_model_settings(args)
 
 
 def _check_out_dir(out: Path, args) -> None:
@@ -223,6 +227,7 @@ def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
         records = [records[i] for i in train_idx]
     elif args.eval_data:
         eval_records = read_records(args.eval_data, task, fields)
+    init_sample_indices(len(feats), args.init_samples, args.seed)  # too few records: refuse before writing
     choices = None
     if task == CAUSAL_LM:
         responses = [str(r[fields.response]) for r in records]
@@ -230,7 +235,9 @@ def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
     evaluator = None
     if eval_records is not None:
         evaluator = make_evaluator(task, eval_records, tokenizer, fields, args.max_length, args.chat_template,
-                                   choices, label2id, args.eval_batch_size)
+                                   choices, label2id, args.eval_batch_size, too_long=args.too_long)
+        if evaluator.note and main:
+            print(f"{args.eval_data or 'the held-out split'}: {evaluator.note}", flush=True)
     model.to(device)
     pad_id = tokenizer.pad_token_id
     if not args.resume and main:  # only now that model and data are known to load

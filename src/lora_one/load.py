@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 
 from lora_one.errors import UsageError
@@ -16,11 +15,8 @@ from lora_one.models import (
     load_model,
     resolve_model_path,
 )
+from lora_one.parallel import resolve_device
 from lora_one.save import SIDECAR
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def read_adapter_info(adapter_dir: str | Path) -> dict:
@@ -51,5 +47,5 @@ def load_for_eval(model: str, adapter_dir: str | Path | None = None, task: str |
     if label2id:
         base.config.label2id, base.config.id2label = label2id, {i: k for k, i in label2id.items()}
     net = PeftModel.from_pretrained(base, str(adapter_dir)) if adapter_dir else base
-    net.to(device or default_device()).eval()
+    net.to(device or resolve_device("auto")).eval()
     return net, tokenizer, task, meta

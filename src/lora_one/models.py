@@ -105,6 +105,11 @@ def infer_task(path: Path) -> str:
     return CAUSAL_LM if any(a.endswith("ForCausalLM") for a in archs) else CLASSIFICATION
 
 
+def max_positions(path: Path) -> int | None:
+    """The number of token positions of the model at `path` (None when its config sets no limit)."""
+    return getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+
+
 def load_model(
     name_or_path: str, task: str | None = None, num_labels: int | None = None, dtype=torch.float32
 ):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from lora_one.errors import UsageError
 
+DEVICE_KINDS = ("cpu", "cuda", "mps")
 TIMEOUT_VAR = "LORA_ONE_DIST_TIMEOUT"
 # Seconds a collective waits for the slowest process. Rank 0 evaluates alone while the others wait at
 # the next collective; NCCL's own default (10 minutes) would end a run whose evaluation takes longer.
@@ -101,6 +102,29 @@ def refuse_ignored_launch_settings(bf16: bool) -> None:
         )
 
 
+def resolve_device(name: str) -> torch.device:
+    """`--device`: `auto` (the GPU when CUDA has one, else the CPU), or `cpu`, `cuda`, `cuda:N`, `mps`,
+    checked against what this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in DEVICE_KINDS:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "CUDA sees no GPU"
+            raise UsageError(f"--device {name}: {why}; use --device cpu (or auto).")
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"--device {name}: CUDA sees {count} GPU(s), cuda:0 to cuda:{count - 1}; choose one of them.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine; use --device cpu (or auto).")
+    return dev
+
+
 def collective_timeout() -> timedelta:
     """How long a collective waits for the slowest process: `LORA_ONE_DIST_TIMEOUT` seconds, default 2 hours."""
     value = os.environ.get(TIMEOUT_VAR, str(DEFAULT_TIMEOUT))
@@ -121,7 +145,7 @@ def process_group(device: str) -> Iterator[torch.device]:
     and NCCL, or the CPU and gloo, with collectives that wait `collective_timeout()`. A group that the caller
     already initialised is used as it is.
     """
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if launched_world_size() <= 1 or distributed():
         yield dev
         return
@@ -131,7 +155,7 @@ def process_group(device: str) -> Iterator[torch.device]:
                 f"--device {device} under a multi-process launcher: each process uses cuda:LOCAL_RANK; "
                 "pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs."
             )
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dev = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
         raise UsageError(f"--device {device}: data parallelism runs on cpu (gloo) or cuda (NCCL).")

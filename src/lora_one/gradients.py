@@ -270,7 +270,9 @@ def examples_in(batch: Mapping) -> int:
 
 def _head(batch: Mapping, n: int, rows: int) -> dict:
     """The first `n` of a batch's `rows` examples: every tensor with that leading dimension, sliced."""
-    return {k: v[:n] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v for k, v in batch.items()}
+    return {
+        k: v[:n] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v for k, v in batch.items()
+    }
 
 
 def _take(batches: Iterable[Mapping], num_samples: int | None) -> list[dict]:
@@ -282,16 +284,19 @@ def _take(batches: Iterable[Mapping], num_samples: int | None) -> list[dict]:
             examples_in(batch)
         return samples
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise UsageError(f"num_samples must be an integer >= 1, or None for every example given; got {num_samples!r}.")
+        raise UsageError(
+            f"num_samples must be an integer >= 1, or None for every example given; got {num_samples!r}."
+        )
     world, me = world_size(), process_rank()
     share = num_samples // world + (me < num_samples % world)
     samples, have = [], 0
-    for batch in batches if share else ():
-        rows = examples_in(batch)
-        samples.append(batch if have + rows <= share else _head(batch, share - have, rows))
-        have = min(have + rows, share)
-        if have == share:
-            break
+    if share:  # a rank whose share is 0 reads nothing
+        for batch in batches:
+            rows = examples_in(batch)
+            samples.append(batch if have + rows <= share else _head(batch, share - have, rows))
+            have = min(have + rows, share)
+            if have == share:
+                break
     if have < share:
         where = f" asks this rank for {share} of them (over {world} ranks)," if world > 1 else ","
         raise UsageError(

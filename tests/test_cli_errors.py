@@ -103,6 +103,8 @@ CASES = {
     "init samples above the data": (TRAIN, ["--init-samples", "25"], "exceeds the 24 training records"),
     "sketch passes 0": (TRAIN, ["--grad-mode", "sketch", "--sketch-passes", "0"], "--sketch-passes must be >= 1"),
     "max length 1": (TRAIN, ["--max-length", "1"], "--max-length must be >= 2"),
+    "no target": (TRAIN, ["--target", " , "], "names no module"),
+    "chat template without one": (ALL, ["--chat-template"], "tokenizer has no chat template"),
     "max length above the positions": (ALL, ["--max-length", "65"], "exceeds the model's 64 positions"),
     "empty file": (ALL, ["--data", "{empty}"], "holds no records"),
     "not UTF-8": (ALL, ["--data", "{latin1}"], "is not UTF-8 text (byte 0xe9"),

@@ -143,6 +143,8 @@ def check_shared_settings(args: argparse.Namespace) -> None:
         problems.append(f"--sketch-passes must be >= 1, got {args.sketch_passes}")
     if args.max_length is not None and args.max_length < 2:
         problems.append(f"--max-length must be >= 2, got {args.max_length}")
+    if not args.target.replace(",", "").strip():
+        problems.append(f"--target {args.target!r} names no module; give all-linear or comma-separated module names")
     if problems:
         raise UsageError("; ".join(problems) + ".")
     resolve_device(args.device)

@@ -109,6 +109,8 @@ def _check_fields(records: list, path: str, task: str, fields: Fields) -> list[d
 def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
     """Token ids of a prompt, as training sees it (optionally inside the chat template)."""
     if chat_template:
+        if not tokenizer.chat_template:
+            raise UsageError("--chat-template: this model's tokenizer has no chat template; drop the flag.")
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )

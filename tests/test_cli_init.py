@@ -95,7 +95,8 @@ def test_existing_out_needs_overwrite(tiny_llama_dir, tmp_path, capsys):
     assert run("init", "--model", tiny_llama_dir, "--data", data, "--out", out, "--rank", 2) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
     assert run("init", "--model", tiny_llama_dir, "--data", data, "--out", out, "--rank", 2, "--overwrite") == 0
-    assert (out / "lora_one.json").exists() and not (out / "keep.txt").exists()
+    # --overwrite replaces our files only: the user's file stays (issue 9: never delete what we did not write)
+    assert (out / "lora_one.json").exists() and (out / "keep.txt").read_text() == "mine"
 
 
 def test_init_leaves_no_half_written_folder_on_failure(tiny_llama_dir, tmp_path, monkeypatch):

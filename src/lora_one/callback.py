@@ -33,7 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lora_one.errors import UsageError
 from lora_one.files import write_text_atomic
-from lora_one.gradients import DEFAULT_SKETCH_PASSES, MODES, estimate_gradients, examples_in
+from lora_one.gradients import DEFAULT_SKETCH_PASSES, estimate_gradients, examples_in
 from lora_one.gradients import init_samples as take_init_samples
 from lora_one.init import NEEDS_GRADIENT, NORMALISATION, check_variant, hash_batches, init_lora_one
 from lora_one.parallel import all_reduce_sum, is_main_process, world_size
@@ -64,8 +64,10 @@ class LoraOneCallback(TrainerCallback, ExportableState):
     beside every adapter the Trainer saves.
 
     Args mirror `get_lora_one_model` and the command line: `init_samples` (N, over all processes),
-    `variant` (`lora-one`, `spectral` or `lora`; the base-changing variants are refused, see below),
-    `gamma`, `grad_mode` (`accumulate`, `single-batch`, `sketch`), `sketch_passes`, `seed`, `svd`.
+    `variant` (`lora-one`, `spectral` or `lora`), `gamma`, `grad_mode` (`accumulate`, `single-batch`,
+    `sketch`), `sketch_passes`, `seed`, `svd`; `estimate_gradients` and `init_lora_one` check them when
+    training starts. The base-changing variants are refused here: a Trainer saves only the adapter, not
+    the rewritten base weights they need. Guide: docs/trainer.md.
 
     The gradient is that of the model's own `.loss` on the drawn batches. For a Trainer whose loss is
     not the model's (a `compute_loss` override, `compute_loss_func`, label smoothing, TRL's `dft`
@@ -92,12 +94,6 @@ class LoraOneCallback(TrainerCallback, ExportableState):
                 f"variant={variant!r} rewrites the base weights, which a Trainer's checkpoints and save_model() "
                 "do not hold; use get_lora_one_model(...) and save_adapter(...) for it, or lora-one / spectral here."
             )
-        if isinstance(init_samples, bool) or not isinstance(init_samples, int) or init_samples < 1:
-            raise UsageError(f"init_samples must be an integer >= 1, got {init_samples!r}.")
-        if grad_mode not in MODES:
-            raise UsageError(f"Unknown gradient mode {grad_mode!r}; use one of {', '.join(MODES)}.")
-        if not gamma > 0:
-            raise UsageError(f"gamma must be positive, got {gamma}.")
         self.init_samples, self.variant, self.gamma = init_samples, variant, gamma
         self.grad_mode, self.sketch_passes, self.seed, self.svd = grad_mode, sketch_passes, seed, svd
         self.metadata: dict | None = None  # what the sidecar records; kept in checkpoints' trainer_state.json

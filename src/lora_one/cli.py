@@ -56,6 +56,8 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--no-rslora", dest="rslora", action="store_false", help="scale alpha/r instead of alpha/sqrt(r)")
+    p.add_argument("--dora", action="store_true",
+                   help="DoRA adapters; with lora-one or spectral the magnitude starts at the norms of W + sBA (DoRA-One)")
     p.add_argument("--gamma", type=float, default=128.0)
     p.add_argument("--init-samples", type=int, default=8)
     p.add_argument("--init-batch-size", type=int, default=1)
@@ -99,6 +101,7 @@ def lora_config_of(args, task: str) -> LoraConfig:
         r=args.rank,
         lora_alpha=args.alpha,
         use_rslora=args.rslora,
+        use_dora=args.dora,
         target_modules=target_modules_of(args),
         lora_dropout=0.0,
         task_type="CAUSAL_LM" if task == CAUSAL_LM else "SEQ_CLS",

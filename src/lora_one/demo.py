@@ -58,7 +58,7 @@ DEMOS = {
     ),
 }
 # Settings that fix the step-0 model: runs that agree on them share the step-0 evaluation.
-INIT_KEYS = ("model", "data", "method", "rank", "alpha", "rslora", "gamma", "init_samples", "init_batch_size",
+INIT_KEYS = ("model", "data", "method", "rank", "alpha", "rslora", "dora", "gamma", "init_samples", "init_batch_size",
              "target", "svd", "grad_mode", "sketch_passes", "seed", "head_init", "probe_samples", "probe_l2", "max_length")
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
+from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
 from lora_one.errors import UsageError
@@ -67,6 +68,18 @@ def _initial_state(peft_model: PeftModel, adapter: str) -> dict[str, torch.Tenso
         for k, v in peft_model.named_parameters()
         if (".lora_A." in k or ".lora_B." in k) and f".{adapter}." in k
     }
+
+
+def _reset_dora_magnitude(layer, adapter: str) -> None:
+    """DoRA-One: DoRA's magnitude vector becomes the row norms of `W + s B A` (PEFT's norm, per output
+    feature), so DoRA's step-0 weight `m * (W + s B A) / ||W + s B A||` is exactly `W + s B A`. PEFT
+    computed it when the layer was made, with `B = 0`, i.e. `||W||`. In place: an optimizer that already
+    holds the magnitude parameter (the Trainer callback) keeps it."""
+    magnitude = layer.lora_magnitude_vector[adapter]
+    W = dequantize_module_weight(layer.get_base_layer()).float()
+    W = W.T if layer.fan_in_fan_out else W
+    delta = layer.scaling[adapter] * (layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float())
+    magnitude.weight.copy_(torch.linalg.norm(W + delta, dim=1).to(magnitude.weight.dtype))
 
 
 def _keep_initial_state(peft_model: PeftModel, adapter: str, variant: str) -> None:
@@ -141,6 +154,8 @@ def init_lora_one(
                 lora_B.copy_(B.to(lora_B.dtype))
                 if variant == "lora-one-v1":
                     _subtract_adapter(layer, adapter, variant)
+                if layer.use_dora.get(adapter):
+                    _reset_dora_magnitude(layer, adapter)
             elif variant == "lora-ga":
                 base._peft_loraga_grad = grads[name].to(base.weight.device)
                 layer.lora_ga_init(adapter, LoraGAConfig(stable_gamma=gamma))  # deletes the attribute

@@ -15,13 +15,11 @@ keeps the factors the Trainer restored.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 import weakref
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +31,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lora_one.errors import UsageError
 from lora_one.files import write_text_atomic
-from lora_one.gradients import DEFAULT_SKETCH_PASSES, estimate_gradients, examples_in
+from lora_one.gradients import estimate_gradients
 from lora_one.gradients import init_samples as take_init_samples
-from lora_one.init import NEEDS_GRADIENT, NORMALISATION, check_variant, hash_batches, init_lora_one
-from lora_one.parallel import all_reduce_sum, is_main_process, world_size
-from lora_one.save import SIDECAR
+from lora_one.init import NEEDS_GRADIENT, check_variant, init_lora_one, init_metadata, warn_without_rslora
+from lora_one.parallel import is_main_process
+from lora_one.save import SIDECAR, sidecar_text
 from lora_one.spectral import BASE_CHANGING_VARIANTS
 from lora_one.targets import lora_layers
 
@@ -128,6 +126,7 @@ class LoraOneCallback(TrainerCallback, ExportableState):
                 "peft.get_peft_model(model, LoraConfig(...)) before building the Trainer."
             )
         adapter = model.active_adapter
+        warn_without_rslora(self.variant, model.peft_config[adapter].use_rslora)
         device = next(model.parameters()).device
         t0 = time.perf_counter()
         with _rng_untouched(device):
@@ -143,26 +142,10 @@ class LoraOneCallback(TrainerCallback, ExportableState):
             t1 = time.perf_counter()
             stats = init_lora_one(model, gradients, self.variant, self.gamma, self.svd, self.seed, adapter)
         t2 = time.perf_counter()
-        local = torch.tensor([sum(examples_in(b) for b in batches), len(batches)], device=device)
-        n_samples, n_batches = all_reduce_sum(local).tolist()  # over the ranks' shards
         self._initialised = weakref.ref(model)
-        # the keys of get_lora_one_model's lora_one_metadata, and the loss G is the gradient of
         self.metadata = {
-            "variant": self.variant,
-            "gamma": self.gamma,
-            "normalisation": NORMALISATION[self.variant],
-            "svd": self.svd if self.grad_mode == "accumulate" else f"{self.grad_mode} (top-r SVD in the gradient phase)",
-            "grad_mode": self.grad_mode,
-            **({"sketch_passes": self.sketch_passes or DEFAULT_SKETCH_PASSES} if self.grad_mode == "sketch" else {}),
-            "world_size": world_size(),
-            "seed": self.seed,
-            "init_samples": int(n_samples),
-            "init_batches": int(n_batches),
-            "init_samples_sha256": hash_batches(batches),  # of this rank's shard under torch.distributed
-            "base_changed": False,
-            "gradient_seconds": round(t1 - t0, 4),
-            "svd_seconds": round(t2 - t1, 4),
-            "layers": stats,
+            **init_metadata(self.variant, self.gamma, self.svd, self.grad_mode, self.sketch_passes, self.seed,
+                            batches, device, t1 - t0, t2 - t1, stats),
             "loss": f"{type(self._trainer).__name__}.compute_loss" if self._trainer else "model(**batch).loss",
         }
 
@@ -192,5 +175,4 @@ class LoraOneCallback(TrainerCallback, ExportableState):
             logger.warning("LoraOneCallback has no LoRA-One metadata (resumed from a checkpoint written "
                            "without it?): no %s written to %s.", SIDECAR, folder)
             return
-        meta = {**self.metadata, "lora_one_version": version("lora-one"), "peft_version": version("peft")}
-        write_text_atomic(folder / SIDECAR, json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(folder / SIDECAR, sidecar_text(self.metadata))

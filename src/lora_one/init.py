@@ -265,14 +265,7 @@ def get_lora_one_model(
     The LoRA-One variants expect `use_rslora=True` (the spec's default) and warn without it.
     """
     check_variant(variant)
-    if variant in GRADIENT_VARIANTS and not lora_config.use_rslora:
-        warnings.warn(
-            f"LoraConfig(use_rslora=False) with variant {variant!r}: the adapter is scaled by alpha / r, sqrt(r) "
-            "times less than by the alpha / sqrt(r) of LoRA-One's default, so its update (for lora-one and "
-            "spectral, the step-0 update itself) is sqrt(r) times smaller. Pass use_rslora=True unless you "
-            "mean it.",
-            stacklevel=2,
-        )
+    warn_without_rslora(variant, lora_config.use_rslora, stacklevel=3)
     for name, linear in find_target_linears(model, lora_config.target_modules).items():
         check_rank((linear.out_features, linear.in_features), lora_config.r, f"layer {name!r}")
     device = next(model.parameters()).device  # NCCL reduces on the GPU
@@ -291,9 +284,32 @@ def get_lora_one_model(
     t1 = time.perf_counter()  # the SVD phase starts after PEFT's wrapping
     stats = init_lora_one(peft_model, gradients, variant, gamma, svd, seed, adapter_name)
     t2 = time.perf_counter()
+    peft_model.lora_one_metadata = init_metadata(
+        variant, gamma, svd, grad_mode, sketch_passes, seed, batches, device, grad_seconds, t2 - t1, stats
+    )
+    return peft_model
+
+
+def warn_without_rslora(variant: str, use_rslora: bool, stacklevel: int = 2) -> None:
+    """The LoRA-One variants expect rsLoRA's `alpha / sqrt(r)` (the spec's default): say so if it is off."""
+    if variant in GRADIENT_VARIANTS and not use_rslora:
+        warnings.warn(
+            f"LoraConfig(use_rslora=False) with variant {variant!r}: the adapter is scaled by alpha / r, sqrt(r) "
+            "times less than by the alpha / sqrt(r) of LoRA-One's default, so its update (for lora-one and "
+            "spectral, the step-0 update itself) is sqrt(r) times smaller. Pass use_rslora=True unless you "
+            "mean it.",
+            stacklevel=stacklevel,
+        )
+
+
+def init_metadata(variant: str, gamma: float, svd: str, grad_mode: str, sketch_passes: int | None, seed: int,
+                  batches: list[Mapping], device, gradient_seconds: float, svd_seconds: float,
+                  stats: list[dict]) -> dict:
+    """What the sidecar records about an init (`batches`: this rank's init samples; the counts are summed
+    over the ranks)."""
     local = torch.tensor([sum(examples_in(b) for b in batches), len(batches)], device=device)
     n_samples, n_batches = all_reduce_sum(local).tolist()  # over the ranks' shards
-    peft_model.lora_one_metadata = {
+    return {
         "variant": variant,
         "gamma": gamma,
         "normalisation": NORMALISATION[variant],
@@ -302,13 +318,12 @@ def get_lora_one_model(
         **({"sketch_passes": sketch_passes or DEFAULT_SKETCH_PASSES} if grad_mode == "sketch" else {}),
         "world_size": world_size(),
         "seed": seed,
-        "init_samples": n_samples,
-        "init_batches": n_batches,
+        "init_samples": int(n_samples),
+        "init_batches": int(n_batches),
         "init_samples_sha256": hash_batches(batches),  # of this rank's shard under torch.distributed
         "base_changed": variant in BASE_CHANGING_VARIANTS,
-        "gradient_seconds": round(grad_seconds, 4),
-        "svd_seconds": round(t2 - t1, 4),
+        "gradient_seconds": round(gradient_seconds, 4),
+        "svd_seconds": round(svd_seconds, 4),
         "layers": stats,
     }
-    return peft_model
 

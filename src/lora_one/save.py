@@ -74,8 +74,6 @@ def save_adapter(
     adapter = peft_model.active_adapter
     meta = dict(getattr(peft_model, "lora_one_metadata", None) or {})
     meta.update(extra or {})
-    meta["lora_one_version"] = version("lora-one")
-    meta["peft_version"] = version("peft")
     with staged_folder(out, ADAPTER) as tmp:
         initial = getattr(peft_model, "lora_one_initial_state", None)
         if initial is not None:
@@ -85,8 +83,13 @@ def save_adapter(
             type(peft_model).save_pretrained(peft_model, str(tmp), selected_adapters=[adapter])
         if base_model_name:
             _name_base_model(tmp, adapter, base_model_name)
-        (tmp / SIDECAR).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / SIDECAR).write_text(sidecar_text(meta))
     return out
+
+
+def sidecar_text(meta: dict) -> str:
+    """The `lora_one.json` sidecar: the init metadata and the versions that wrote it."""
+    return json.dumps({**meta, "lora_one_version": version("lora-one"), "peft_version": version("peft")}, indent=2) + "\n"
 
 
 def _name_base_model(folder: Path, adapter: str, name: str) -> None:

@@ -324,3 +324,13 @@ def test_eval_writes_its_json_atomically(tiny, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output"):
         main(command)
     assert result.read_bytes() == before and not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_finetune_overwrite_refuses_a_folder_that_holds_no_run(tiny, tmp_path, capsys):
+    """--overwrite deletes an earlier run's files by name; in a folder that never held a run, files of the
+    same names are the user's, so nothing is deleted and the run is refused."""
+    out = tmp_path / "mine"
+    write_folder(out, {"metrics.jsonl": "my metrics", "loss.png": "my plot"})
+    assert finetune(tiny, out, "--overwrite") == 2
+    assert "no lora-one run" in capsys.readouterr().err
+    assert tree(out) == {"metrics.jsonl": b"my metrics", "loss.png": b"my plot"}

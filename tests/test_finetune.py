@@ -355,3 +355,13 @@ def test_bf16_autocast_run(tiny, tmp_path):
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["llama"]), str(out)).eval()
     # The run evaluated under bf16 autocast; the fp32 reload agrees to bf16 precision.
     assert plain_loss(loaded, feats, tok.pad_token_id) == pytest.approx(metrics[-1]["eval_loss"], rel=2e-2)
+
+
+def test_resume_refuses_a_damaged_checkpoint_in_one_line(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(qa_args(tiny, out, "--max-steps", "3", "--save-every", "2")) == 0
+    ckpt = out / "checkpoints" / "step-0000003.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated, as by a full disk
+    assert main(qa_args(tiny, out, "--max-steps", "3", "--save-every", "2", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and str(ckpt) in err and "Traceback" not in err

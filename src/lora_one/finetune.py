@@ -183,6 +183,12 @@ def _check_out_dir(out: Path, args) -> None:
             f"--out {str(out)!r} exists and is not empty; pass --resume to continue its run, --overwrite to "
             "replace it, or choose another folder."
         )
+    if out.exists() and any(out.iterdir()) and not (out / ARGS).is_file():
+        # --overwrite deletes an earlier run's files by name: only where a run was, never a user's namesakes
+        raise UsageError(
+            f"--overwrite: {str(out)!r} holds files but no lora-one run (no {ARGS}), so nothing in it is ours to "
+            "replace; choose a new or empty folder."
+        )
 
 
 def _start_out_dir(out: Path, args) -> None:
@@ -316,9 +322,9 @@ def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
         "training": {k: v for k, v in summary.items() if k not in ("metrics", "out", "rank")},
     }
     if main:
-        # into the run folder: its other files stay
-        save_adapter(peft_model, out, meta, base_model_name=base_model_name_of(args))
         plot_loss(result.metrics, out / "loss.png", title=f"{args.method}{' + precond' if args.precondition else ''}")
+        # last, into the run folder (its other files stay): adapter_config.json marks the run complete
+        save_adapter(peft_model, out, meta, base_model_name=base_model_name_of(args))
     parallel.barrier()  # the other ranks wait for the files, so the job ends when they are written
     return summary
 

@@ -256,6 +256,8 @@ def read_checkpoint(ckpt: Path) -> dict:
     except pickle.UnpicklingError:
         raise UsageError(f"Checkpoint {ckpt} holds more than tensors and plain containers, so it is not "
                          "loaded (it could run code); resume only checkpoints lora-one wrote.") from None
+    except (RuntimeError, EOFError) as e:  # truncated or not a torch file at all
+        raise UsageError(f"Checkpoint {ckpt} cannot be read ({e}); it is damaged: start again with --overwrite.") from None
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:

@@ -25,7 +25,6 @@ from lora_one.sketch import GradientSketch, default_sizes
 from lora_one.spectral import TopSVD, exact_svd, lora_factors, subspace_sine
 
 
-
 def tiny_llama_with(**dropouts) -> LlamaForCausalLM:
     """conftest's tiny Llama (same weights) with other dropout settings."""
     torch.manual_seed(0)

@@ -65,8 +65,8 @@ def _initial_state(peft_model: PeftModel, adapter: str) -> dict[str, torch.Tenso
     """CPU copy of the step-0 factors, kept for PEFT's rank-2r conversion at save time."""
     return {
         k: v.detach().to("cpu", copy=True)
-        for k, v in peft_model.named_parameters()
-        if (".lora_A." in k or ".lora_B." in k) and f".{adapter}." in k
+        for k, v in _adapter_parameters(peft_model, adapter).items()
+        if ".lora_A." in k or ".lora_B." in k
     }
 
 
@@ -83,10 +83,9 @@ def _reset_dora_magnitude(layer, adapter: str) -> None:
 
 
 def _keep_initial_state(peft_model: PeftModel, adapter: str, variant: str) -> None:
-    peft_model.lora_one_initial_state = (
-        _initial_state(peft_model, adapter) if variant in BASE_CHANGING_VARIANTS else None
-    )
+    peft_model.lora_one_initial_state = None
     if variant in BASE_CHANGING_VARIANTS:  # PEFT's own save would fit only the residual base
+        peft_model.lora_one_initial_state = _initial_state(peft_model, adapter)
         guard_original_base(peft_model)
 
 

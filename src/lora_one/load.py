@@ -8,13 +8,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from lora_one.errors import UsageError
-from lora_one.models import (
-    CAUSAL_LM,
-    CLASSIFICATION,
-    infer_task,
-    load_model,
-    resolve_model_path,
-)
+from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, load_model, resolve_model_path
 from lora_one.parallel import resolve_device
 from lora_one.save import SIDECAR
 

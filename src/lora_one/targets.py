@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import (
-    _maybe_include_all_linear_layers,
-    check_target_module_exists,
-)
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 from torch import nn
 
 from lora_one.errors import UsageError

@@ -11,14 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lora_one.toys.common import (
-    first_step_below,
-    generator,
-    geometric,
-    make_teacher,
-    spectral_adapter,
-    train,
-)
+from lora_one.toys.common import first_step_below, generator, geometric, make_teacher, spectral_adapter, train
 from lora_one.toys.report import Report, optimiser_panels, save
 
 TITLE = "Conditioning: GD vs preconditioned GD from the spectral init"

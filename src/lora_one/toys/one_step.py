@@ -15,13 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lora_one.toys.common import (
-    fit_line,
-    generator,
-    make_teacher,
-    normalised,
-    spectral_adapter,
-)
+from lora_one.toys.common import fit_line, generator, make_teacher, normalised, spectral_adapter
 from lora_one.toys.report import Report, figure, label, save
 
 TITLE = "Spectral init alone: one-step error against the number of samples"

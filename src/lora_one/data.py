@@ -1,109 +1,266 @@
-"""Training data: JSON Lines, JSON or CSV records -> tokenised features -> padded batches.
+"""Training data: records (files, a Hub data set, the embedded sets) -> tokenised features -> padded batches.
 
-Causal LM records have a prompt and a response (the prompt tokens are masked out of the loss with
--100); classification records have a text and a label. Records longer than `max_length` tokens are
-truncated, skipped or refused (`too_long`), and counted.
+Formats, told apart by the fields of the first record (or named, `Fields.format` / `--format`):
+
+- `prompt-response` (causal LM, seq2seq): a prompt and a response (or TRL's `completion`). A causal LM
+  reads prompt + response + eos with the prompt masked out of the loss (-100); a seq2seq model's
+  encoder reads the prompt and its decoder's labels are the response + eos.
+- `messages` (causal LM): a conversation, a list of `{"role", "content"}`, rendered with the
+  tokenizer's chat template; the loss is on each assistant turn and the template's own end-of-turn
+  token(s) after it, found by rendering a probe conversation (`end_of_turn`).
+- `text` (causal LM): plain language modelling, the loss on every token of the text + eos.
+- `text-label` (classification): a text and its label.
+
+Records longer than `max_length` tokens are truncated, skipped or refused (`too_long`), and counted.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
-import json
+import logging
 import random
-from dataclasses import dataclass
+import re
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 from lora_one import embedded_data
 from lora_one.errors import UsageError
-from lora_one.models import CAUSAL_LM
+from lora_one.models import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ
 
 IGNORE_INDEX = -100
 # What to do with a record longer than --max-length tokens.
 TOO_LONG = ("truncate", "skip", "error")
+PROMPT_RESPONSE, MESSAGES, TEXT, TEXT_LABEL = "prompt-response", "messages", "text", "text-label"
+FORMATS = (PROMPT_RESPONSE, MESSAGES, TEXT, TEXT_LABEL)
+# The formats of each task, in the order detection tries them; the first is the one a record with
+# none of the fields is told about.
+TASK_FORMATS = {CAUSAL_LM: (PROMPT_RESPONSE, MESSAGES, TEXT), SEQ2SEQ: (PROMPT_RESPONSE,), CLASSIFICATION: (TEXT_LABEL,)}
+COMPLETION = "completion"  # TRL's name for the response
+ROLES = ("system", "user", "assistant")
+HUB_PREFIX = "hub:"
+# file suffix -> the `datasets` builder that reads it
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fields:
+    """The names of the fields the formats read, and the format (None: detected from the records)."""
+
     prompt: str = "prompt"
     response: str = "response"
     text: str = "text"
     label: str = "label"
+    messages: str = "messages"
+    format: str | None = None
 
-    def required(self, task: str) -> tuple[str, str]:
-        return (self.prompt, self.response) if task == CAUSAL_LM else (self.text, self.label)
+    def of(self, fmt: str) -> tuple[str, ...]:
+        return {PROMPT_RESPONSE: (self.prompt, self.response), MESSAGES: (self.messages,), TEXT: (self.text,),
+                TEXT_LABEL: (self.text, self.label)}[fmt]
 
 
-def read_records(path: str | Path, task: str, fields: Fields = Fields()) -> list[dict]:
-    """Read JSON Lines (`.jsonl`/`.json`, one object a line), a `.json` file holding an array of objects,
-    CSV (`.csv`, or `.tsv` tab-separated; a header row names the fields) or an embedded data set (`trec`,
-    `sentiment`, optionally `:train`/`:val`/`:test`), and check its fields. Files are UTF-8, with or
-    without a byte-order mark (spreadsheet programs write one)."""
-    if embedded_data.is_embedded(str(path)):
-        return _check_fields(embedded_data.load(str(path)), str(path), task, fields)
-    path = Path(path)
+DEFAULT_FIELDS = Fields()
+# The flags that rename each format's fields, for the error messages.
+_FIELD_FLAGS = {PROMPT_RESPONSE: "--prompt-field/--response-field", MESSAGES: "--messages-field",
+                TEXT: "--text-field", TEXT_LABEL: "--text-field/--label-field"}
+
+
+def read_records(source: str | Path, task: str, fields: Fields = DEFAULT_FIELDS) -> list[dict]:
+    """The records of `source` (see `load_records`), checked against the format of `task` they are in
+    (`fields.format`, else detected by `resolve_format`)."""
+    records = load_records(source)
+    check_records(records, task, fields, str(source))
+    return records
+
+
+def load_records(source: str | Path) -> list[dict]:
+    """Records, read with `datasets`: an embedded set (`trec`, `sentiment`, optionally `:train`/`:val`/
+    `:test`), a Hub data set (`hub:NAME[:CONFIG][@SPLIT]`, split `train` by default; online), or a
+    file: JSON Lines (`.jsonl`/`.json`), a `.json` array of objects, CSV (`.csv`, or `.tsv`
+    tab-separated; a header row names the fields; every value is read as text) or Parquet. Text
+    files are UTF-8, with or without a byte-order mark (spreadsheet programs write one)."""
+    spec = str(source)
+    if embedded_data.is_embedded(spec):
+        records = embedded_data.load(spec)
+    elif spec.startswith(HUB_PREFIX) and not Path(spec).exists():
+        records = _hub_records(spec)
+    else:
+        records = _file_records(Path(spec))
+    if not records:
+        raise UsageError(f"Data {spec!r} holds no records; give one with at least one record.")
+    return records
+
+
+def _hub_records(spec: str) -> list[dict]:
+    match = re.fullmatch(r"hub:([^:@]+)(?::([^@]+))?(?:@(.+))?", spec)
+    if not match:
+        raise UsageError(f"--data {spec!r}: write a Hub data set as hub:NAME[:CONFIG][@SPLIT], e.g. "
+                         "hub:nyu-mll/glue:sst2@validation.")
+    name, config, split = match.group(1), match.group(2), match.group(3) or "train"
+    from datasets import load_dataset  # imported where used: a second's import that only data reading needs
+
+    try:
+        return load_dataset(name, config, split=split).to_list()
+    except Exception as e:  # noqa: BLE001 (offline, an unknown name, config or split: many types, one answer)
+        raise UsageError(
+            f"Cannot load the Hub data set {name!r} (config {config!r}, split {split!r}): {_first_line(e)}. Check "
+            "the name, config and split, and that this machine is online (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE unset)."
+        ) from None
+
+
+def _file_records(path: Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"Data file {str(path)!r} does not exist.")
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
         raise UsageError(
-            f"Cannot read {str(path)!r}: use a .jsonl file (one JSON object a line), a .json array of objects "
-            "or a .csv file with a header row."
+            f"Cannot read {str(path)!r}: use a .jsonl file (one JSON object a line), a .json array of objects, "
+            "a .csv (.tsv) file with a header row or a .parquet file."
         )
+    if path.stat().st_size < 64 and not path.read_bytes().lstrip(codecs.BOM_UTF8).strip():
+        return []  # datasets cannot tell an empty file from a broken one
+    options = {}
+    if builder != "parquet":
+        _check_utf8(path)
+    if builder == "csv":
+        from datasets import Features, Value
+
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f, delimiter=delimiter))
+        # every value as text, as written: no number parsing ("007"), no "NA" or "null" read as missing
+        options = {"sep": delimiter, "keep_default_na": False, "na_filter": False,
+                   "features": Features({name: Value("string") for name in header})}
+    verb, kind = {"json": ("parse", "JSON Lines or a JSON array of objects"), "csv": ("parse", path.suffix[1:].upper()),
+                  "parquet": ("read", "Parquet")}[builder]
+    from datasets import load_dataset_builder
+
+    # A cache of our own, gone afterwards: nothing is left behind, and processes never share one.
+    with _datasets_quiet(), tempfile.TemporaryDirectory(prefix="lora_one_data_") as cache:
+        try:
+            reader = load_dataset_builder(builder, data_files=str(path), cache_dir=cache, **options)
+            reader.download_and_prepare()
+            if not reader.info.splits["train"].num_examples:  # an empty array, a header row alone
+                return []
+            return reader.as_dataset(split="train", in_memory=True).to_list()
+        except Exception as e:  # noqa: BLE001 (pyarrow, pandas and datasets each raise their own)
+            raise UsageError(f"Cannot {verb} {str(path)!r} as {kind} ({_first_line(e)}).") from None
+
+
+def _first_line(error: Exception) -> str:
+    """The message of the innermost cause (datasets wraps the parser's error), on one line."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+@contextmanager
+def _datasets_quiet():
+    """No progress bars and no logged parser errors from `datasets` (the error comes as one line)."""
+    import datasets
+
+    bars, level = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: drop a leading byte-order mark
-    except UnicodeDecodeError as e:
-        raise UsageError(
-            f"{str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); re-encode it "
-            "as UTF-8 (e.g. `iconv -f WINDOWS-1252 -t UTF-8`)."
-        ) from None
-    if suffix in (".csv", ".tsv"):
-        try:
-            records = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
-        except csv.Error as e:
-            raise UsageError(f"Cannot parse {str(path)!r} as {suffix[1:].upper()}: {e}.") from None
-    else:
-        records = _parse_json(text, str(path))
-    return _check_fields(records, str(path), task, fields)
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
-def _parse_json(text: str, path: str) -> list:
-    """The records of a JSON array, or of JSON Lines (blank lines skipped)."""
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"Cannot parse {path!r} as a JSON array: {e}.") from None
-    records = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-        if line.strip():
+def _check_utf8(path: Path) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                at = offset + e.start - (len(e.object) - len(chunk))  # e.object starts with bytes held back
                 raise UsageError(
-                    f"Cannot parse line {n} of {path!r} as JSON ({e}); give JSON Lines (one object a line) "
-                    "or a JSON array of objects."
+                    f"{str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {at}); re-encode it "
+                    "as UTF-8 (e.g. `iconv -f WINDOWS-1252 -t UTF-8`)."
                 ) from None
-    return records
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
-def _check_fields(records: list, path: str, task: str, fields: Fields) -> list[dict]:
-    if not records:
-        raise UsageError(f"Data file {str(path)!r} holds no records; give one with at least one record.")
-    needed = fields.required(task)
+def _present(record: dict) -> set[str]:
+    return {k for k, v in record.items() if v is not None and v != ""}
+
+
+def resolve_format(records: list[dict], task: str, fields: Fields = DEFAULT_FIELDS) -> Fields:
+    """`fields` with the format of `records` set: `fields.format` if given (it must be one of `task`'s),
+    else the first of the task's formats (`TASK_FORMATS`) whose fields the first record has. A
+    prompt-response record may name its response `completion` (TRL's name) while `fields.response`
+    is left at its default."""
+    if task not in TASK_FORMATS:
+        raise UsageError(f"Unknown task {task!r}; use one of {', '.join(TASK_FORMATS)}.")
+    formats = TASK_FORMATS[task]
+    if fields.format is not None and fields.format not in formats:
+        raise UsageError(f"--format {fields.format} is not a {task} format; use {' or '.join(formats)}.")
+    have = _present(records[0]) if records and isinstance(records[0], dict) else set()
+    if fields.response == DEFAULT_FIELDS.response and fields.response not in have and COMPLETION in have:
+        fields = replace(fields, response=COMPLETION)
+    if fields.format is not None:
+        return fields
+    if task == CAUSAL_LM and {fields.text, fields.label} <= have and not {fields.prompt, fields.messages} & have:
+        raise UsageError(
+            f"The records have {fields.text!r} and {fields.label!r} fields, classification data, but the task is "
+            f"{task}: pass --task classification (with a classification model), or --format text to train "
+            "language modelling on the text alone."
+        )
+    return replace(fields, format=next((f for f in formats if set(fields.of(f)) <= have), formats[0]))
+
+
+def check_records(records: list, task: str, fields: Fields, source: str) -> Fields:
+    """Refuse, with one line, a record without the fields of its format (or a malformed conversation);
+    returns the resolved fields."""
+    fields = resolve_format(records, task, fields)
+    fmt = fields.format
+    needed = fields.of(fmt)
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise UsageError(f"Record {i} of {str(path)!r} is not an object with named fields.")
-        missing = [k for k in needed if rec.get(k) in (None, "")]
+            raise UsageError(f"Record {i} of {source!r} is not an object with named fields.")
+        missing = [k for k in needed if k not in _present(rec)]
         if missing:
+            others = [f"{f} (field{'s' if len(fields.of(f)) > 1 else ''} {', '.join(map(repr, fields.of(f)))})"
+                      for f in TASK_FORMATS[task] if f != fmt]
+            another = f", or give another --format: {'; '.join(others)}" if others else ""
             raise UsageError(
-                f"Record {i} of {str(path)!r} lacks field(s) {missing} needed for {task} "
-                f"(it has {sorted(rec)}). Rename the fields in the file or name them with "
-                "--prompt-field/--response-field (causal LM) or --text-field/--label-field (classification)."
+                f"Record {i} of {source!r} lacks field(s) {missing} needed for {task} as {fmt} (it has "
+                f"{sorted(_present(rec))}). Rename the fields in the file, name them with {_FIELD_FLAGS[fmt]}"
+                f"{another}."
             )
-    return records
+        if fmt == MESSAGES:
+            _check_conversation(rec[fields.messages], f"Record {i} of {source!r}")
+    return fields
+
+
+def _check_conversation(conversation, where: str) -> None:
+    if not isinstance(conversation, list):
+        raise UsageError(f"{where}: the messages must be a list of {{role, content}} objects, not "
+                         f"{type(conversation).__name__}.")
+    for j, message in enumerate(conversation):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise UsageError(f"{where}: message {j} is not an object with a text 'content'.")
+        if message.get("role") not in ROLES:
+            raise UsageError(f"{where}: message {j} has role {message.get('role')!r}; use {', '.join(ROLES)}.")
+    roles = [m["role"] for m in conversation]
+    if "assistant" not in roles:
+        raise UsageError(f"{where} has no assistant turn; the loss is on assistant turns only, so give every "
+                         "conversation one at least.")
+    if roles[0] == "assistant":
+        raise UsageError(f"{where} starts with an assistant turn; start it with a system or user turn.")
 
 
 def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
@@ -174,7 +331,7 @@ class _LengthLimit:
         return Features(examples, self.kept, note)
 
 
-def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = Fields(), chat_template=False,
+def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = DEFAULT_FIELDS, chat_template=False,
                        too_long: str = "truncate", room: int | None = None) -> Features:
     """`input_ids` = prompt + response + eos; `labels` mask the prompt with -100.
 
@@ -201,11 +358,11 @@ def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = Fie
     return limit.result(feats, f"cut the prompt's start{cut}")
 
 
-def label_mapping(records, fields: Fields = Fields()) -> dict[str, int]:
+def label_mapping(records, fields: Fields = DEFAULT_FIELDS) -> dict[str, int]:
     return {lab: i for i, lab in enumerate(sorted({str(r[fields.label]) for r in records}))}
 
 
-def classification_features(records, tokenizer, max_length: int, label2id: dict, fields: Fields = Fields(),
+def classification_features(records, tokenizer, max_length: int, label2id: dict, fields: Fields = DEFAULT_FIELDS,
                             too_long: str = "truncate") -> Features:
     """`input_ids` of the text (with the tokenizer's special tokens), `labels` the class index. A text
     longer than `max_length` tokens loses its end (`too_long="truncate"`), is skipped or refused."""
@@ -228,6 +385,154 @@ def classification_features(records, tokenizer, max_length: int, label2id: dict,
     return limit.result(feats, "cut the text's end")
 
 
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise UsageError("This tokenizer has no eos token, which ends every target sequence; use a model whose "
+                         "tokenizer has one.")
+    return tokenizer.eos_token_id
+
+
+def text_features(records, tokenizer, max_length: int, fields: Fields = DEFAULT_FIELDS, too_long: str = "truncate") -> Features:
+    """Plain language modelling: `input_ids` = the text (with the tokenizer's special tokens) + eos,
+    `labels` the same tokens, so every token is predicted. A longer text loses its end."""
+    limit = _LengthLimit(max_length, too_long, minimum=2)
+    eos, feats = _eos_id(tokenizer), []
+    for i, rec in enumerate(records):
+        ids = tokenizer(str(rec[fields.text]))["input_ids"] + [eos]
+        if limit.admit(i, len(ids)):
+            feats.append({"input_ids": ids[:max_length], "labels": ids[:max_length]})
+    return limit.result(feats, "cut the text's end")
+
+
+def seq2seq_features(records, tokenizer, max_length: int, fields: Fields = DEFAULT_FIELDS,
+                     too_long: str = "truncate") -> Features:
+    """Encoder-decoder examples: `input_ids` the prompt with the tokenizer's special tokens (T5: then
+    `</s>`), `labels` the response + eos, which the model itself shifts right behind its decoder start
+    token. `max_length` bounds each of the two: a longer prompt loses its end (its start holds e.g.
+    T5's task prefix), keeping the tokenizer's end tokens; a longer response loses its end."""
+    limit = _LengthLimit(max_length, too_long, minimum=1)
+    feats, prompts_cut, responses_cut = [], 0, 0
+    for i, rec in enumerate(records):
+        prompt = str(rec[fields.prompt])
+        p_ids = tokenizer(prompt, truncation=True, max_length=max_length + 1)["input_ids"]  # one over tells
+        r_ids = response_ids(tokenizer, str(rec[fields.response]))
+        if not limit.admit(i, max(len(p_ids), len(r_ids))):
+            continue
+        if len(p_ids) > max_length:  # again, so the tokenizer keeps its end-of-text tokens
+            p_ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+            prompts_cut += 1
+        responses_cut += len(r_ids) > max_length
+        feats.append({"input_ids": p_ids, "labels": r_ids[:max_length]})
+    return limit.result(feats, f"cut the end of {prompts_cut} prompt(s) and {responses_cut} response(s)")
+
+
+def end_of_turn(tokenizer) -> str:
+    """The text the chat template closes an assistant turn with (SmolLM2: `<|im_end|>`; a template
+    that ends turns with the eos token: that token), from rendering a probe conversation: what the
+    template writes after the assistant's content, whitespace around it left out. (Whitespace between
+    the generation prompt and the content, as in `Bot:` then ` text`, belongs to the turn.)"""
+    if not tokenizer.chat_template:
+        raise UsageError("The messages format renders conversations with the tokenizer's chat template, and this "
+                         "model's tokenizer has none; use a chat model, or give prompt/response or text records.")
+    content = "lora-one-probe"
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]
+    asked = _render(tokenizer, probe[:1], "A probe conversation", generation=True)
+    turn = _render(tokenizer, probe, "A probe conversation").removeprefix(asked)
+    if not turn.lstrip().startswith(content):
+        raise UsageError("The chat template does not write an assistant turn right after the generation prompt it "
+                         f"opens it with (it wrote {turn[:60]!r}), so assistant tokens cannot be located.")
+    closing = turn[turn.index(content) + len(content) :].strip()
+    if not closing:
+        raise UsageError("The chat template ends an assistant turn with nothing but whitespace, so a model trained "
+                         "on it would not learn to stop; use a tokenizer whose template ends turns with a token.")
+    return closing
+
+
+def _render(tokenizer, conversation: list[dict], where: str, generation: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation)
+    except TemplateError as e:
+        raise UsageError(f"{where}: the chat template refused it ({e}).") from None
+
+
+def _assistant_spans(tokenizer, conversation: list[dict], closing: str, where: str) -> tuple[str, list[tuple]]:
+    """The rendered conversation and the character spans of its assistant turns, each from the end of
+    the generation prompt before it through its closing text. A turn's start is where the rendering of
+    the turns before it with the generation prompt ends; that rendering, and the one ending with the
+    turn, must be prefixes of the whole (the template appends turns rather than rewriting earlier ones)."""
+    text = _render(tokenizer, conversation, where)
+    spans = []
+    for k, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        asked = _render(tokenizer, conversation[:k], where, generation=True)
+        upto = _render(tokenizer, conversation[: k + 1], where)
+        end = upto.rfind(closing, len(asked))
+        if not (upto.startswith(asked) and text.startswith(upto)) or end < 0:
+            raise UsageError(
+                f"{where}: the chat template renders message {k} (assistant) differently once other turns follow "
+                f"or without its closing {closing!r}, so its tokens cannot be located; give this conversation as "
+                "prompt/response records, or use a template that appends turns."
+            )
+        spans.append((len(asked), end + len(closing)))
+    return text, spans
+
+
+def messages_features(records, tokenizer, max_length: int, fields: Fields = DEFAULT_FIELDS,
+                      too_long: str = "truncate") -> Features:
+    """Conversations rendered with the chat template, tokenised as `apply_chat_template` does; `labels`
+    keep the tokens of each assistant turn (its content and the template's closing token(s), e.g.
+    `<|im_end|>`) and mask the rest. What follows the last assistant turn is dropped: it adds no
+    loss term and, the model being causal, changes no prediction. A longer conversation loses its start."""
+    if not tokenizer.is_fast:
+        raise UsageError("The messages format needs a fast tokenizer (it maps tokens to characters); load one "
+                         "with use_fast=True.")
+    closing = end_of_turn(tokenizer)
+    limit = _LengthLimit(max_length, too_long, minimum=2)
+    feats = []
+    for i, rec in enumerate(records):
+        where = f"Record {i}"
+        # datasets fills the keys that other messages have with None; templates test for their presence
+        conversation = [{k: v for k, v in m.items() if v is not None} for m in rec[fields.messages]]
+        _check_conversation(conversation, where)
+        text, spans = _assistant_spans(tokenizer, conversation, closing, where)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, labels = enc["input_ids"], []
+        for token, (a, b) in zip(ids, enc["offset_mapping"]):
+            labels.append(token if any(a < end and b > start for start, end in spans) else IGNORE_INDEX)
+        if not all(any(b == end for (_, b), lab in zip(enc["offset_mapping"], labels) if lab != IGNORE_INDEX)
+                   for _, end in spans):
+            raise UsageError(f"{where}: the tokenizer's offsets do not end a token where an assistant turn ends "
+                             f"(after {closing!r}), so the turn cannot be masked exactly.")
+        last = max(t for t, lab in enumerate(labels) if lab != IGNORE_INDEX) + 1
+        if limit.admit(i, last):
+            feats.append({"input_ids": ids[max(0, last - max_length) : last],
+                          "labels": labels[max(0, last - max_length) : last]})
+    return limit.result(feats, "cut the conversation's start")
+
+
+def prepare(records, tokenizer, task: str, fields: Fields = DEFAULT_FIELDS, max_length: int = 256,
+            too_long: str = "truncate", chat_template: bool = False, label2id: dict | None = None) -> Features:
+    """The training features of `records` for `task`, in their format (`fields.format`, else detected):
+    one call for every format, so that the command line and a Trainer callback building its own batches
+    apply the same rules. `label2id` (classification) defaults to `label_mapping(records)`;
+    `chat_template` wraps causal-LM prompts (conversations always use the template)."""
+    fields = check_records(records, task, fields, "the data")
+    fmt = fields.format
+    if chat_template and (task == SEQ2SEQ or fmt == TEXT):
+        raise UsageError(f"--chat-template wraps causal-LM prompts, and {task} {fmt} records have none; drop it.")
+    if fmt == TEXT_LABEL:
+        return classification_features(records, tokenizer, max_length, label2id or label_mapping(records, fields),
+                                       fields, too_long)
+    if fmt == MESSAGES:
+        return messages_features(records, tokenizer, max_length, fields, too_long)
+    if fmt == TEXT:
+        return text_features(records, tokenizer, max_length, fields, too_long)
+    if task == SEQ2SEQ:
+        return seq2seq_features(records, tokenizer, max_length, fields, too_long)
+    return causal_lm_features(records, tokenizer, max_length, fields, chat_template, too_long)
+
+
 def loss_terms(feature: dict) -> int:
     """How many terms the model's mean loss averages over for this example: its predicted tokens (a
     causal LM predicts token t + 1 from token t, so the first label never counts), or one class label."""
@@ -236,20 +541,19 @@ def loss_terms(feature: dict) -> int:
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad `input_ids` with `pad_id` and token `labels` with -100; mask the padding."""
+    """Right-pad `input_ids` with `pad_id` and mask the padding; right-pad token `labels` with -100 to
+    their own width (a seq2seq decoder's targets are as long as they are, not as the encoder's input)."""
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
-    token_labels = isinstance(features[0]["labels"], list)
-    labels = torch.full((len(features), width), IGNORE_INDEX) if token_labels else torch.empty(len(features), dtype=torch.long)
     for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        mask[i, :n] = 1
-        if token_labels:
-            labels[i, :n] = torch.tensor(f["labels"])
-        else:
-            labels[i] = f["labels"]
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    if not isinstance(features[0]["labels"], list):
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["labels"] for f in features])}
+    labels = torch.full((len(features), max(len(f["labels"]) for f in features)), IGNORE_INDEX)
+    for i, f in enumerate(features):
+        labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -1,48 +1,51 @@
 """Held-out evaluation: loss and the task metric, batched.
 
 - Classification: cross-entropy and accuracy of the argmax class.
-- Causal LM with a closed label set (`--choices`, the run's recorded choices, or responses that take
-  few distinct values): each candidate response (with its eos, exactly as training saw it) is scored
-  by its summed log-likelihood after the prompt; the prediction is the best candidate. The loss is
-  the mean token cross-entropy of the gold responses, as in training.
-- Causal LM otherwise: the same loss, and exact match of greedy generations (whitespace-stripped).
+- Prompt/response records (causal LM, seq2seq) with a closed label set (`--choices`, the run's
+  recorded choices, or responses that take few distinct values): each candidate response (with its
+  eos, exactly as training saw it) is scored by its summed log-likelihood after the prompt (causal
+  LM) or by the decoder given the encoded prompt (seq2seq); the prediction is the best candidate. The
+  loss is the mean token cross-entropy of the gold responses, as in training.
+- Prompt/response records otherwise: the same loss, and exact match of greedy generations
+  (whitespace-stripped).
+- Text and conversation records (causal LM): the mean token cross-entropy of what training predicts.
 
-Candidate scoring shares work: the prompts' common token prefix (e.g. an instruction) runs once per
-batch, each prompt once, and each candidate only over its own tokens, through the KV cache; the result
-equals scoring every (prompt, candidate) pair with a full forward pass (tested).
+Causal-LM candidate scoring shares work: the prompts' common token prefix (e.g. an instruction) runs
+once per batch, each prompt once, and each candidate only over its own tokens, through the KV cache;
+the result equals scoring every (prompt, candidate) pair with a full forward pass (tested). Seq2seq
+scoring encodes each prompt once and decodes every candidate against it.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.modeling_outputs import BaseModelOutput
 
-from lora_one.config import check_writable, complete_model_settings
 from lora_one.data import (
+    DEFAULT_FIELDS,
     IGNORE_INDEX,
+    PROMPT_RESPONSE,
     Fields,
     causal_lm_features,
-    classification_features,
     collate,
-    read_records,
+    prepare,
+    resolve_format,
     response_ids,
 )
 from lora_one.errors import UsageError
-from lora_one.files import write_text_atomic
-from lora_one.models import CAUSAL_LM
-from lora_one.parallel import resolve_device
+from lora_one.models import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ
 
 MAX_CHOICES = 32
 
 
 def infer_choices(responses: Sequence[str]) -> list[str] | None:
-    """The closed label set of a causal-LM data set, or None when the responses look open-ended:
+    """The closed label set of a prompt/response data set, or None when the responses look open-ended:
     at most `MAX_CHOICES` distinct values, each seen on average at least twice."""
     distinct = sorted(set(responses))
     if len(distinct) <= MAX_CHOICES and 2 * len(distinct) <= len(responses):
@@ -53,6 +56,23 @@ def infer_choices(responses: Sequence[str]) -> list[str] | None:
 def parse_choices(text: str) -> list[str]:
     """The `--choices` flag: a comma-separated label set, empty items dropped."""
     return [c for c in text.split(",") if c.strip()]
+
+
+def choices_of(records, task: str, fields: Fields = DEFAULT_FIELDS, given: str | None = None,
+               recorded: list[str] | None = None) -> list[str] | None:
+    """The closed label set a run scores candidates from: `given` (the `--choices` flag), else the one a
+    run `recorded`, else inferred from the responses of prompt/response `records`; None for other
+    records (classification's labels are its classes; text and conversations are open-ended)."""
+    if given and task == CLASSIFICATION:
+        raise UsageError("--choices is for causal-lm and seq2seq runs; a classifier's labels come from the data.")
+    if given:
+        return parse_choices(given)
+    if recorded:
+        return list(recorded)
+    fields = resolve_format(records, task, fields)
+    if fields.format != PROMPT_RESPONSE:
+        return None
+    return infer_choices([str(r[fields.response]) for r in records])
 
 
 def match_choices(choices: Sequence[str], responses: Sequence[str]) -> list[str]:
@@ -157,49 +177,84 @@ def score_candidates(
     return scores
 
 
-def _token_nll(model, features: list[dict], pad_id: int, batch_size: int, progress: bool = False) -> tuple[float, int]:
-    """Summed token cross-entropy of `labels` (prompt masked) and the number of tokens."""
+@torch.no_grad()
+def score_seq2seq_candidates(
+    model, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]], batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """`(n_prompts, n_candidates)` summed decoder log-probabilities of each candidate's tokens (the
+    decoder's labels, eos included) given each prompt: per batch, the encoder runs once over its
+    prompts and the decoder once over every (prompt, candidate) pair, starting from its own start token."""
+    if not prompts or not candidates or any(len(c) == 0 for c in candidates) or any(len(p) == 0 for p in prompts):
+        raise UsageError("score_seq2seq_candidates needs non-empty prompts and candidates.")
     device = next(model.parameters()).device
+    n_cand = len(candidates)
+    labels, label_mask = _pad(candidates, device)
+    labels = labels.masked_fill(label_mask == 0, IGNORE_INDEX)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
+    scores = torch.empty(len(prompts), n_cand)
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress, leave=False):
+        rows = order[start : start + batch_size]
+        b = len(rows)
+        ids, mask = _pad([prompts[i] for i in rows], device)
+        hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        pairs = labels.repeat(b, 1)  # row r * n_cand + c: prompt r, candidate c
+        logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(n_cand, 0)),
+                       attention_mask=mask.repeat_interleave(n_cand, 0), labels=pairs).logits
+        logp = logits.float().log_softmax(-1).gather(-1, pairs.clamp(min=0)[..., None])[..., 0]
+        scores[rows] = (logp * label_mask.repeat(b, 1)).sum(1).view(b, n_cand).cpu()
+    return scores
+
+
+def _token_nll(model, features: list[dict], pad_id: int, batch_size: int, progress: bool = False) -> tuple[float, int]:
+    """Summed token cross-entropy of the `labels` the model predicts (masked tokens left out: a causal
+    LM predicts label t + 1 at position t, an encoder-decoder its labels as they are) and their number."""
+    device = next(model.parameters()).device
+    shifted = not model.config.is_encoder_decoder
     total, count = 0.0, 0
     starts = range(0, len(features), batch_size)
     for start in tqdm(starts, desc="loss", unit="batch", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in collate(features[start : start + batch_size], pad_id).items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()
-        target = labels[:, 1:]
-        total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((target != IGNORE_INDEX).sum())
+        labels = batch["labels"]  # an encoder-decoder makes its decoder inputs from them
+        logits = model(**batch).logits.float()
+        if shifted:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((labels != IGNORE_INDEX).sum())
     return total, count
 
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of token-id prompts (left-padded in batches), decoded without special tokens."""
+    """Greedy continuations of token-id prompts in batches (a decoder-only model's left-padded, so
+    that every continuation starts at the end), decoded without special tokens."""
     device = next(model.parameters()).device
+    decoder_only = not model.config.is_encoder_decoder
     texts = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _pad(prompts[start : start + batch_size], device, left=True)
-        width = ids.shape[1]
+        ids, mask = _pad(prompts[start : start + batch_size], device, left=decoder_only)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
-        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        # a decoder-only model returns prompt + continuation, an encoder-decoder the decoder's tokens
+        texts += tokenizer.batch_decode(out[:, ids.shape[1] :] if decoder_only else out, skip_special_tokens=True)
     return texts
 
 
-class CausalLMEvaluator:
-    """`evaluator(model) -> {"loss", "accuracy" | "exact_match", "n"}` on fixed prompt/response records.
+class _PromptResponseEvaluator(ABC):
+    """`evaluator(model) -> {"loss", "accuracy" | "exact_match", "n"}` on fixed prompt/response records;
+    the subclasses say how a model reads a prompt and scores a candidate. `note` says how many records
+    the length limit (`too_long`) truncated or skipped."""
 
-    Every prompt leaves room for the longest candidate (or, for generation, the longest response)
-    within `max_length`; longer records are truncated (the prompt's start), skipped or refused as
-    `too_long` says, as in training, and `note` says how many.
-    """
+    task: str
 
-    def __init__(self, records, tokenizer, fields: Fields = Fields(), max_length: int = 256,
+    def __init__(self, records, tokenizer, fields: Fields = DEFAULT_FIELDS, max_length: int = 256,
                  chat_template: bool = False, choices: Sequence[str] | None = None, batch_size: int = 16,
                  progress: bool = False, too_long: str = "truncate"):
         self.tokenizer, self.batch_size, self.progress = tokenizer, batch_size, progress
+        fields = resolve_format(records, self.task, fields)
         responses = [str(r[fields.response]) for r in records]
         self.choices = match_choices(choices, responses) if choices else None
         if self.choices:
@@ -207,18 +262,27 @@ class CausalLMEvaluator:
             room = max(len(c) for c in self.cand_ids)
         else:
             room = max(len(response_ids(tokenizer, r)) for r in responses)
-        if room >= max_length:
-            raise UsageError(f"An evaluation {'candidate' if self.choices else 'response'} has {room} tokens (with "
-                             f"eos), leaving no room for a prompt within --max-length {max_length}; raise it.")
-        self.features = causal_lm_features(records, tokenizer, max_length, fields, chat_template, too_long, room)
+        self.features = self._features(records, tokenizer, fields, max_length, chat_template, too_long, room)
         self.note = self.features.note
         responses = [responses[i] for i in self.features.kept]
-        self.prompts = [f["input_ids"][: f["labels"].count(IGNORE_INDEX)] for f in self.features]
+        self.prompts = [self._prompt(f) for f in self.features]
         if self.choices:
             index = {c.strip(): i for i, c in enumerate(self.choices)}
             self.gold = torch.tensor([index[r.strip()] for r in responses])
         else:
             self.responses, self.max_new = responses, room
+
+    @abstractmethod
+    def _features(self, records, tokenizer, fields, max_length, chat_template, too_long, room):
+        """The records' features, each prompt leaving `room` for a response as the model needs."""
+
+    @abstractmethod
+    def _prompt(self, feature: dict) -> list[int]:
+        """What the model reads before the response."""
+
+    @abstractmethod
+    def score(self, model) -> torch.Tensor:
+        """`(n_prompts, n_candidates)` summed log-likelihoods of the candidates."""
 
     @property
     def metric(self) -> str:
@@ -228,7 +292,7 @@ class CausalLMEvaluator:
     def __call__(self, model) -> dict:
         n = len(self.prompts)
         if self.choices:
-            scores = score_candidates(model, self.prompts, self.cand_ids, self.batch_size, self.progress)
+            scores = self.score(model)
             gold_lp = scores.gather(1, self.gold[:, None])[:, 0]
             n_tokens = sum(len(self.cand_ids[g]) for g in self.gold.tolist())
             accuracy = (scores.argmax(1) == self.gold).float().mean().item()
@@ -237,6 +301,63 @@ class CausalLMEvaluator:
         texts = greedy_generate(model, self.tokenizer, self.prompts, self.max_new, self.batch_size)
         hits = sum(t.strip() == r.strip() for t, r in zip(texts, self.responses))
         return {"loss": total / count, "exact_match": hits / n, "n": n}
+
+
+class CausalLMEvaluator(_PromptResponseEvaluator):
+    """A causal LM reads prompt + response: every prompt leaves room for the longest candidate (or, for
+    generation, the longest response) within `max_length`, and a longer one loses its start (or the
+    record is skipped or refused), as in training."""
+
+    task = CAUSAL_LM
+
+    def _features(self, records, tokenizer, fields, max_length, chat_template, too_long, room):
+        if room >= max_length:
+            raise UsageError(f"An evaluation {'candidate' if self.choices else 'response'} has {room} tokens (with "
+                             f"eos), leaving no room for a prompt within --max-length {max_length}; raise it.")
+        return causal_lm_features(records, tokenizer, max_length, fields, chat_template, too_long, room)
+
+    def _prompt(self, feature: dict) -> list[int]:
+        return feature["input_ids"][: feature["labels"].count(IGNORE_INDEX)]
+
+    def score(self, model) -> torch.Tensor:
+        return score_candidates(model, self.prompts, self.cand_ids, self.batch_size, self.progress)
+
+
+class Seq2SeqEvaluator(_PromptResponseEvaluator):
+    """An encoder-decoder reads the prompt in its encoder and each candidate (or the response) in its
+    decoder: a prompt longer than `max_length` loses its end (or the record is skipped or refused), as
+    in training; a candidate or response longer than `max_length` is refused."""
+
+    task = SEQ2SEQ
+
+    def _features(self, records, tokenizer, fields, max_length, chat_template, too_long, room):
+        if room > max_length:
+            raise UsageError(f"An evaluation {'candidate' if self.choices else 'response'} has {room} tokens (with "
+                             f"eos), more than the decoder's --max-length {max_length}; raise it.")
+        return prepare(records, tokenizer, SEQ2SEQ, fields, max_length, too_long, chat_template)
+
+    def _prompt(self, feature: dict) -> list[int]:
+        return feature["input_ids"]
+
+    def score(self, model) -> torch.Tensor:
+        return score_seq2seq_candidates(model, self.prompts, self.cand_ids, self.batch_size, self.progress)
+
+
+class LossEvaluator:
+    """`evaluator(model) -> {"loss", "n"}`: the mean token cross-entropy of what training predicts, for
+    text and conversation records (no single answer to score)."""
+
+    metric = "loss"
+
+    def __init__(self, features: list[dict], pad_id: int, batch_size: int = 16, progress: bool = False,
+                 note: str | None = None):
+        self.features, self.pad_id, self.batch_size, self.progress = features, pad_id, batch_size, progress
+        self.note = note  # what the length limit did to the records
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        total, count = _token_nll(model, self.features, self.pad_id, self.batch_size, self.progress)
+        return {"loss": total / count, "n": len(self.features)}
 
 
 class ClassificationEvaluator:
@@ -267,62 +388,14 @@ class ClassificationEvaluator:
 def make_evaluator(task: str, records, tokenizer, fields: Fields, max_length: int, chat_template: bool = False,
                    choices=None, label2id=None, batch_size: int = 16, progress: bool = False,
                    too_long: str = "truncate"):
-    if task == CAUSAL_LM:
-        return CausalLMEvaluator(records, tokenizer, fields, max_length, chat_template, choices, batch_size, progress,
-                                 too_long)
-    feats = classification_features(records, tokenizer, max_length, label2id, fields, too_long)
-    return ClassificationEvaluator(feats, tokenizer.pad_token_id, batch_size, progress, feats.note)
-
-
-# ---------------------------------------------------------------- `lora-one eval`
-
-
-def add_eval_parser(sub) -> None:
-    from lora_one.cli import add_model_data_args  # noqa: PLC0415 (cli imports this module)
-
-    p = sub.add_parser("eval", help="held-out loss and accuracy (or exact match) of a base model + adapter")
-    add_model_data_args(p)
-    p.add_argument("--adapter", help="adapter folder (from finetune); without it, the base model is evaluated")
-    p.add_argument("--choices", help="comma-separated closed label set for a causal LM (default: the run's, "
-                   "or inferred from the responses)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", help="JSON file for the results (default: ADAPTER/eval.json, or print only)")
-    p.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args) -> dict:
-    from lora_one.cli import fields_of  # noqa: PLC0415
-    from lora_one.load import load_for_eval  # noqa: PLC0415
-
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    out = Path(args.out) if args.out else (Path(args.adapter) / "eval.json" if args.adapter else None)
-    if out is not None:  # before the evaluation, which may be long
-        if out.is_dir():
-            raise UsageError(f"--out {str(out)!r} is a folder; give the path of a JSON file.")
-        check_writable(out)
-    complete_model_settings(args)
-    model, tokenizer, task, meta = load_for_eval(args.model, args.adapter, args.task, resolve_device(args.device))
-    fields = fields_of(args)
-    records = read_records(args.data, task, fields)
-    chat_template = args.chat_template or bool(meta.get("chat_template"))
-    choices = None
-    if task == CAUSAL_LM:
-        choices = (
-            parse_choices(args.choices) if args.choices
-            else meta.get("choices") or infer_choices([str(r[fields.response]) for r in records])
-        )
-    evaluator = make_evaluator(task, records, tokenizer, fields, args.max_length, chat_template, choices,
-                               meta.get("label2id"), args.batch_size, progress=True, too_long=args.too_long)
-    if evaluator.note:
-        print(f"{args.data}: {evaluator.note}", flush=True)
-    model.eval()
-    results = {"model": args.model, "adapter": args.adapter, "data": str(args.data), "task": task,
-               "metric": evaluator.metric, **evaluator(model)}
-    width = max(len(k) for k in results)
-    for k, v in results.items():
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if out is not None:
-        write_text_atomic(out, json.dumps(results, indent=2) + "\n")
-        print(f"wrote {out}")
-    return results
+    """The evaluator of `records` for `task`, by their format (`fields.format`, else detected)."""
+    fields = resolve_format(records, task, fields)
+    if fields.format == PROMPT_RESPONSE:
+        evaluator = Seq2SeqEvaluator if task == SEQ2SEQ else CausalLMEvaluator
+        return evaluator(records, tokenizer, fields, max_length, chat_template, choices, batch_size, progress, too_long)
+    if choices and task != CLASSIFICATION:
+        raise UsageError(f"--choices scores candidate responses, and {fields.format} records have none; drop it.")
+    feats = prepare(records, tokenizer, task, fields, max_length, too_long, chat_template, label2id)
+    if task == CLASSIFICATION:
+        return ClassificationEvaluator(feats, tokenizer.pad_token_id, batch_size, progress, feats.note)
+    return LossEvaluator(feats, tokenizer.pad_token_id, batch_size, progress, feats.note)

@@ -276,7 +276,14 @@ def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]
 
 def response_ids(tokenizer, response: str) -> list[int]:
     """Token ids of a response, as training sees it: no special tokens, then eos."""
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer)]
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise UsageError("This tokenizer has no eos token, which ends every target sequence; use a model whose "
+                         "tokenizer has one.")
+    return tokenizer.eos_token_id
 
 
 class Features(list):
@@ -383,13 +390,6 @@ def classification_features(records, tokenizer, max_length: int, label2id: dict,
             ids = tokenizer(str(rec[fields.text]), truncation=True, max_length=max_length)["input_ids"]
         feats.append({"input_ids": ids, "labels": label2id[label]})
     return limit.result(feats, "cut the text's end")
-
-
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise UsageError("This tokenizer has no eos token, which ends every target sequence; use a model whose "
-                         "tokenizer has one.")
-    return tokenizer.eos_token_id
 
 
 def text_features(records, tokenizer, max_length: int, fields: Fields = DEFAULT_FIELDS, too_long: str = "truncate") -> Features:

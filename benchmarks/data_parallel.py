@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     a = p.parse_args()
     gpus = torch.cuda.device_count()
-    procs = gpus if gpus >= 2 else 2
+    procs = max(gpus, 2)
     cores = os.cpu_count() or 2
     args = ["finetune", "--model", a.model, "--data", a.data, "--rank", "8", "--init-samples", "8",
             "--batch-size", str(a.batch_size), "--max-steps", str(a.steps), "--save-every", "0", "--quiet"]

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from lora_one.demo import DEMOS, INIT_KEYS
-from lora_one.finetune import finetune_args, run_finetune
+from lora_one.finetune import run_finetune
+from lora_one.settings import FinetuneSettings
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,18 +56,18 @@ ROUNDS = {  # in the order they ran; a configuration already in the results file
 
 def probe_study(seed: int, samples=(1000, 2000), l2s=(1e-4, 1e-3, 1e-2)) -> list[dict]:
     """Validation accuracy of the linear-probe head alone (frozen MiniLM features) per L2 penalty."""
-    import torch  # noqa: PLC0415
+    import torch
 
-    from lora_one.data import classification_features, label_mapping, read_records  # noqa: PLC0415
-    from lora_one.models import load_model  # noqa: PLC0415
-    from lora_one.probe import fit_logistic, head_inputs  # noqa: PLC0415
+    from lora_one.data import classification_features, label_mapping, read_records
+    from lora_one.models import load_model
+    from lora_one.probe import fit_logistic, head_inputs
 
     train_recs = read_records("sentiment", "classification")
     label2id = label_mapping(train_recs)
     model, tok, _ = load_model("minilm-l6", "classification", num_labels=len(label2id))
     feats = classification_features(train_recs, tok, 128, label2id)
     val = classification_features(read_records("sentiment:val", "classification"), tok, 128, label2id)
-    import random  # noqa: PLC0415
+    import random
 
     idx = random.Random(seed).sample(range(len(feats)), max(samples))
     X = head_inputs(model, [feats[i] for i in idx], tok.pad_token_id)
@@ -131,10 +132,11 @@ def main() -> None:
         if key_of({**config, "seed": args.seed}) in done:
             print("skip (done):", config)
             continue
-        settings = {**demo.common, "eval_every": 0, **config}
+        # results recorded before the settings were named by the Trainer rebuild say "method" for "variant"
+        settings = {**demo.common, "eval_every": 0, **{"variant" if k == "method" else k: v for k, v in config.items()}}
         with tempfile.TemporaryDirectory() as tmp:
-            fa = finetune_args(model=demo.model, data=demo.data, eval_data=f"{demo.data}:val", out=tmp,
-                               seed=args.seed, overwrite=True, quiet=True, save_every=0, **settings)
+            fa = FinetuneSettings(model=demo.model, data=demo.data, eval_data=f"{demo.data}:val", out=tmp,
+                                  seed=args.seed, overwrite=True, quiet=True, save_every=0, **settings)
             init_key = json.dumps({k: getattr(fa, k) for k in INIT_KEYS}, sort_keys=True)
             t = time.perf_counter()
             summary = run_finetune(fa, step0_eval=step0_cache.get(init_key))

@@ -4,8 +4,9 @@
     python benchmarks/train_throughput.py --model minilm-l6 --data sentiment --batch-size 16
     python benchmarks/train_throughput.py --methods dora,dora-one   # DoRA-One vs DoRA (ratio to the first)
 
-Every method trains through the same `lora_one.train.train` loop as `lora-one finetune` (the timer
-covers forward, backward, clipping and the optimizer step; not the init, evals or checkpoints). The
+Every method trains through `lora_one.finetune.run_finetune`, the recipe of `lora-one finetune` (the
+Trainer's loop; its timer covers the training steps alone: forward, backward, clipping and the optimizer
+step, not the init, evaluations or checkpoints). The
 methods take turns in rounds (lora, lora-one, lora-one + preconditioner, lora, ...) so that a change
 of load on a shared machine hits all of them alike; the report gives the median steps/s over rounds
 and the ratio to LoRA. Results are appended to benchmarks/results/train_throughput.jsonl.
@@ -22,12 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 
-from lora_one.data import causal_lm_features, classification_features, init_batches, label_mapping, read_records
-from lora_one.init import get_lora_one_model
-from lora_one.models import CAUSAL_LM, load_model
-from lora_one.train import TrainSettings, train
+from lora_one.finetune import run_finetune
+from lora_one.settings import FinetuneSettings
 
 METHODS = {  # name -> (variant, precondition, use_dora)
     "lora": ("lora", False, False),
@@ -57,28 +55,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    models, feats, pad = {}, None, None
-    for name, (variant, _, dora) in methods.items():
-        probe_model, tok, task = load_model(args.model, num_labels=2 if args.data.startswith("sentiment") else None)
-        records = read_records(args.data, task)
-        if task == CAUSAL_LM:
-            feats = causal_lm_features(records, tok, 128)
-        else:
-            feats = classification_features(records, tok, 128, label_mapping(records))
-        pad = tok.pad_token_id
-        config = LoraConfig(r=8, lora_alpha=16, use_rslora=True, use_dora=dora, target_modules="all-linear",
-                            task_type="CAUSAL_LM" if task == CAUSAL_LM else "SEQ_CLS")
-        models[name] = get_lora_one_model(probe_model, config, init_batches(feats, 8, 1, 0, pad), variant=variant,
-                                          progress=False)
     per_round = {name: [] for name in methods}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for name, (_, precondition, _) in methods.items():
-                s = TrainSettings(lr=2e-4, max_steps=args.steps, batch_size=args.batch_size, precondition=precondition,
-                                  save_every=0, progress=False, seed=r)
-                res = train(models[name], feats, pad, s, Path(tmp) / f"{name}-{r}")
-                per_round[name].append(res.steps_per_second)
-                print(f"round {r} {name:<18} {res.steps_per_second:.4f} steps/s", flush=True)
+            for name, (variant, precondition, dora) in methods.items():
+                run = FinetuneSettings(model=args.model, data=args.data, out=str(Path(tmp) / f"{name}-{r}"),
+                                       variant=variant, precondition=precondition, dora=dora, lr=2e-4,
+                                       max_steps=args.steps, batch_size=args.batch_size, max_length=128, save_every=0,
+                                       eval_split=0.01, eval_batch_size=64, quiet=True, seed=r)
+                sps = run_finetune(run)["steps_per_second"]
+                per_round[name].append(sps)
+                print(f"round {r} {name:<18} {sps:.4f} steps/s", flush=True)
     med = {name: statistics.median(v) for name, v in per_round.items()}
     print(f"\n{'method':<18} {'steps/s (median)':>16} {'ratio to ' + reference:>16}")
     for name, v in med.items():

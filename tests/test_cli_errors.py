@@ -160,12 +160,12 @@ def test_eval_labels_unseen_in_training(tiny, cls_run, capsys):
 
 def test_internal_bugs_keep_their_traceback(tiny, tmp_path, monkeypatch):
     """Only UsageError becomes one line: a bug (here a ValueError from inside the gradient phase) propagates."""
-    import lora_one.cli
+    import lora_one.runs
 
     def bug(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(lora_one.cli, "get_lora_one_model", bug)
+    monkeypatch.setattr(lora_one.runs, "get_lora_one_model", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         main(command("init", tiny, tmp_path / "out"))
 

@@ -66,10 +66,10 @@ def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
     assert time.monotonic() - start < 60
     assert all(p.returncode for p in procs), outs
     expected = {
-        "no labels": "rank 1 of 2: A batch has no 'labels'",
-        "nan loss": "rank 1 of 2: The loss of batch 0 is nan",
-        "nan loss before single-batch's all-reduce": "rank 1 of 2: The loss of batch 0 is nan",
-        "single-batch with fewer batches than ranks": "rank 1 of 2: mode='single-batch' needs exactly one "
+        "no labels": "process 1 of 2: A batch has no 'labels'",
+        "nan loss": "process 1 of 2: The loss of batch 0 is nan",
+        "nan loss before single-batch's all-reduce": "process 1 of 2: The loss of batch 0 is nan",
+        "single-batch with fewer batches than ranks": "process 1 of 2: mode='single-batch' needs exactly one "
                                                       "micro-batch per rank, holding all of its init samples; "
                                                       "this rank has 0",
     }
@@ -82,5 +82,5 @@ def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
     # the uncaught error, the same on both ranks (torch prefixes its traceback lines with the rank)
     last = [re.sub(r"^\[rank\d\]: ", "", out.strip().splitlines()[-1]) for out in outs]
     assert last[0] == last[1], outs
-    assert last[0].startswith("lora_one.errors.UsageError: rank 1 of 2: num_samples=8 asks this rank for 4 of "
+    assert last[0].startswith("lora_one.errors.UsageError: process 1 of 2: num_samples=8 asks this rank for 4 of "
                               "them (over 2 ranks), but the batches hold only 2 examples"), last[0]

@@ -259,21 +259,26 @@ def test_commands_refuse_a_file_as_out(tiny, tmp_path, capsys):
     assert path.read_text() == "user"
 
 
-def test_finetune_overwrite_removes_only_the_old_runs_files(tiny, tmp_path):
+def test_finetune_overwrite_removes_only_the_old_runs_files(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert finetune(tiny, out, "--save-every", "1") == 0
     first = tree(out)
-    assert "checkpoints/step-0000001.pt" not in first and "checkpoints/step-0000002.pt" in first
-    write_folder(out, {"notes.txt": "mine", "README.md": "my readme", "checkpoints/mine.txt": "mine",
-                       "adapter_model.bin": "a stale adapter of another save"})
-    assert finetune(tiny, out, "--overwrite", "--method", "lora", "--max-steps", "1") == 0
+    assert "checkpoint-1/optimizer.pt" not in first and "checkpoint-2/optimizer.pt" in first
+    write_folder(out, {"notes.txt": "mine", "README.md": "my readme", "adapter_model.bin": "a stale adapter"})
+    assert finetune(tiny, out, "--overwrite", "--variant", "lora", "--max-steps", "1") == 0
     got = tree(out)
-    assert got["notes.txt"] == b"mine" and got["README.md"] == b"my readme" and got["checkpoints/mine.txt"] == b"mine"
-    assert "adapter_model.bin" not in got and "checkpoints/step-0000002.pt" not in got
+    assert got["notes.txt"] == b"mine" and got["README.md"] == b"my readme"
+    assert "adapter_model.bin" not in got and not [n for n in got if n.startswith("checkpoint-2")]
+    assert "checkpoint-1/trainer_state.json" in got
     assert json.loads(got["lora_one.json"])["variant"] == "lora"
     assert json.loads(got["args.json"])["max_steps"] == 1
     assert [json.loads(line)["step"] for line in got["metrics.jsonl"].decode().splitlines()] == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    # The Trainer deletes older checkpoint folders whole: one holding a file of the user's is refused first.
+    write_folder(out, {"checkpoint-1/mine.txt": "mine"})
+    assert finetune(tiny, out, "--overwrite") == 2
+    one_error_line(capsys, "checkpoint-1/mine.txt")
+    assert (out / "checkpoint-1" / "mine.txt").read_text() == "mine"
 
 
 def test_merge_overwrite_leaves_no_stale_shard(tiny, tmp_path, monkeypatch):
@@ -304,7 +309,7 @@ def test_a_crash_while_merging_leaves_the_old_model(tiny, tmp_path, monkeypatch)
     assert main(["merge", "--model", tiny["llama"], "--adapter", str(run), "--out", str(merged)]) == 0
     (merged / "notes.txt").write_text("mine")
     before = tree(merged)
-    assert finetune(tiny, run, "--overwrite", "--method", "lora") == 0  # another adapter to merge
+    assert finetune(tiny, run, "--overwrite", "--variant", "lora") == 0  # another adapter to merge
     failing_replace(monkeypatch, lambda dst: dst == merged / "model.safetensors")
     with pytest.raises(OSError, match="Input/output"):
         main(["merge", "--model", tiny["llama"], "--adapter", str(run), "--out", str(merged), "--overwrite"])

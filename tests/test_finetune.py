@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama, write_jsonl  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from transformers import TrainerCallback
+
 from lora_one.cli import build_parser, main
-from lora_one.config import resolve
+from lora_one.cli.args import settings_from
 from lora_one.data import collate, prompt_ids, response_ids
-from lora_one.finetune import run_finetune
+from lora_one.finetune import TrainingInterrupted, run_finetune
 from lora_one.spectral import VARIANTS
-from lora_one.train import TrainingInterrupted
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def plain_loss(model, feats, pad_id):
 @pytest.mark.parametrize("method,precondition", [(m, False) for m in VARIANTS] + [("lora-one", True)])
 def test_each_method_trains_and_saves_a_stock_adapter(tiny, tmp_path, method, precondition):
     out = tmp_path / "run"
-    extra = ["--method", method, "--max-steps", "3", "--lr", "5e-3"] + (["--precondition"] if precondition else [])
+    extra = ["--variant", method, "--max-steps", "3", "--lr", "5e-3"] + (["--precondition"] if precondition else [])
     assert main(qa_args(tiny, out, *extra)) == 0
     metrics = read_metrics(out)
     assert metrics[0]["step"] == 0 and "eval_loss" in metrics[0] and "eval_accuracy" in metrics[0]
@@ -107,7 +108,7 @@ def _weights(out):
 def test_interrupt_and_resume_gives_the_uninterrupted_adapter(tiny, tmp_path, capsys, monkeypatch, kind, method):
     make = qa_args if kind == "causal" else sent_args
     settings = ["--max-steps", "7", "--save-every", "5", "--eval-every", "2", "--grad-accum", "2", "--lr", "5e-3",
-                "--method", method]  # pissa: a base-changing variant, its residual base rebuilt on resume
+                "--variant", method]  # pissa: a base-changing variant, its residual base rebuilt on resume
     if kind == "causal":
         settings += ["--precondition"]
     else:
@@ -115,15 +116,16 @@ def test_interrupt_and_resume_gives_the_uninterrupted_adapter(tiny, tmp_path, ca
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(make(tiny, full, *settings)) == 0
 
-    def ctrl_c_at_step_3(step, entry):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+    class CtrlCDuringStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # the third step is under way
+                os.kill(os.getpid(), signal.SIGINT)
 
-    args = resolve(build_parser().parse_args(make(tiny, cut, *settings)))
+    settings_3 = settings_from(build_parser().parse_args(make(tiny, cut, *settings)))
     with pytest.raises(TrainingInterrupted) as info:
-        run_finetune(args, on_step=ctrl_c_at_step_3)
+        run_finetune(settings_3, callbacks=(CtrlCDuringStep3(),))
     assert info.value.step == 3
-    assert (cut / "checkpoints" / "step-0000003.pt").is_file()
+    assert info.value.checkpoint == cut / "checkpoint-3" and (cut / "checkpoint-3" / "trainer_state.json").is_file()
     assert "--resume" in capsys.readouterr().err
     assert not (cut / "adapter_model.safetensors").exists()
 
@@ -158,14 +160,15 @@ class RunsCode:
 def test_resume_refuses_a_checkpoint_that_could_run_code(tiny, tmp_path, capsys):
     out, ran = tmp_path / "run", tmp_path / "code-ran"
     assert main(qa_args(tiny, out, "--max-steps", "3", "--save-every", "2")) == 0
-    ckpt = out / "checkpoints" / "step-0000003.pt"
-    state = torch.load(ckpt, weights_only=True)  # what we write loads safely
+    ckpt = out / "checkpoint-3" / "optimizer.pt"
+    state = torch.load(ckpt, weights_only=True)  # what the Trainer writes loads safely
     state["note"] = RunsCode(ran)
     torch.save(state, ckpt)
     assert main(qa_args(tiny, out, "--max-steps", "3", "--save-every", "2", "--resume")) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "could run code" in errors[0] and str(ckpt) in errors[0] and "Traceback" not in err
+    assert len(errors) == 1 and "could run code" in errors[0] and str(ckpt.parent) in errors[0]
+    assert "Traceback" not in err
     assert not ran.exists()
 
 
@@ -270,7 +273,7 @@ def test_eval_matches_hand_computed_accuracy(tiny, tmp_path, capsys):
 def test_merge_equals_base_plus_adapter(tiny, tmp_path, kind):
     out, merged = tmp_path / "run", tmp_path / "merged"
     if kind == "causal":  # pissa: the adapter is PEFT's converted rank-2r one
-        assert main(qa_args(tiny, out, "--max-steps", "2", "--method", "pissa", "--lr", "1e-2")) == 0
+        assert main(qa_args(tiny, out, "--max-steps", "2", "--variant", "pissa", "--lr", "1e-2")) == 0
         model_dir, auto = tiny["llama"], AutoModelForCausalLM
         kwargs = {}
     else:
@@ -360,8 +363,8 @@ def test_bf16_autocast_run(tiny, tmp_path):
 def test_resume_refuses_a_damaged_checkpoint_in_one_line(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(qa_args(tiny, out, "--max-steps", "3", "--save-every", "2")) == 0
-    ckpt = out / "checkpoints" / "step-0000003.pt"
+    ckpt = out / "checkpoint-3" / "optimizer.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated, as by a full disk
     assert main(qa_args(tiny, out, "--max-steps", "3", "--save-every", "2", "--resume")) == 2
     err = capsys.readouterr().err
-    assert "damaged" in err and str(ckpt) in err and "Traceback" not in err
+    assert "damaged" in err and str(ckpt.parent) in err and "Traceback" not in err

@@ -81,7 +81,7 @@ def test_weight_decay_has_one_default_zero():
     AdamW alone would decay by 0.01), with or without the preconditioner."""
     import inspect
 
-    from lora_one.finetune import finetune_args
+    from lora_one.settings import FinetuneSettings
 
     model = get_lora_one_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), None, variant="lora")
     for preconditioned in (False, True):
@@ -89,5 +89,5 @@ def test_weight_decay_has_one_default_zero():
         assert [g["weight_decay"] for g in groups] == [0.0] * len(groups)
         groups = create_optimizer(model, lr=1e-3, precondition=preconditioned, weight_decay=0.1).param_groups
         assert [g["weight_decay"] for g in groups] == [0.1] * len(groups)
-    cli_default = finetune_args(model="m", data="d", out="o").weight_decay
+    cli_default = FinetuneSettings(model="m", data="d", out="o").weight_decay
     assert cli_default == inspect.signature(create_optimizer).parameters["weight_decay"].default == 0.0

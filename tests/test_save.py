@@ -149,7 +149,7 @@ def test_cli_base_model_name_for_init_and_finetune(tmp_path):
     assert main(["init", "--model", str(llama), "--data", str(qa), "--out", str(tmp_path / "init"), "--rank", "2",
                  "--init-samples", "4", "--base-model-name", "org/llama"]) == 0
     assert main(["finetune", "--model", str(bert), "--data", str(sent), "--out", str(tmp_path / "run"), "--rank", "2",
-                 "--init-samples", "4", "--batch-size", "4", "--max-steps", "1", "--quiet", "--method", "pissa",
+                 "--init-samples", "4", "--batch-size", "4", "--max-steps", "1", "--quiet", "--variant", "pissa",
                  "--base-model-name", "org/bert"]) == 0
     for out, name in (("init", "org/llama"), ("run", "org/bert")):
         assert json.loads((tmp_path / out / "adapter_config.json").read_text())["base_model_name_or_path"] == name

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from lora_one.toys import EXPERIMENTS, add_toy_parser, main_toy, run_all
+from lora_one.cli import build_parser, main
+from lora_one.toys import EXPERIMENTS, run_all
 from lora_one.toys.spectral_inits import paper_lora_ga
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -79,19 +79,15 @@ def test_results_are_deterministic(toy_root, tmp_path):
 
 
 def test_parser_registers_toy(tmp_path):
-    parser = argparse.ArgumentParser(prog="lora-one")
-    add_toy_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["toy", "nonlinear", "--quick", "--seed", "3", "--out", str(tmp_path)])
+    args = build_parser().parse_args(["toy", "nonlinear", "--quick", "--seed", "3", "--out", str(tmp_path)])
     assert (args.experiment, args.quick, args.seed, args.out) == ("nonlinear", True, 3, str(tmp_path))
-    assert args.func is main_toy
     with pytest.raises(SystemExit):
-        parser.parse_args(["toy", "no-such-experiment"])
+        build_parser().parse_args(["toy", "no-such-experiment"])
 
 
-def test_main_toy_runs_one_experiment(tmp_path, capsys):
+def test_toy_command_runs_one_experiment(tmp_path, capsys):
     threads = torch.get_num_threads()
-    args = argparse.Namespace(experiment="nonlinear", out=str(tmp_path), seed=0, quick=True)
-    assert main_toy(args) == 0
+    assert main(["toy", "nonlinear", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.json").exists() and "[nonlinear]" in capsys.readouterr().out
     assert torch.get_num_threads() == threads  # the toys run on one thread, then restore it
 

@@ -1,46 +1,51 @@
-"""Gradient accumulation in the training loop follows the gradient convention of the init: one
-optimizer step is one full-batch gradient over all loss terms of its micro-batches."""
+"""Gradient accumulation in `finetune` (the Trainer's loop) follows the gradient convention of the
+init: one optimizer step is one full-batch gradient over all loss terms of its micro-batches, also
+when a micro-batch is short and for sequence classification (mean over examples)."""
 
-import copy
-
-from conftest import ragged_examples, tiny_llama
-from peft import LoraConfig, get_peft_model
+import pytest
+import torch
+from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama, write_jsonl  # noqa: F401
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from transformers import AutoConfig
 
-from lora_one.train import TrainSettings, train
+from lora_one.finetune import run_finetune
+from lora_one.settings import FinetuneSettings
 
-FEATURES = [{k: v.tolist() for k, v in e.items()} for e in ragged_examples()]  # 5, 9, 14, 7 tokens
 
-
-def step_gradients(model, settings, out):
+def first_step(settings: FinetuneSettings) -> tuple[list[torch.Tensor], float]:
     """The gradients the optimizer sees at its first step (no clipping), and the logged loss."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    seen = {}
+    seen = []
 
     def grab(optimizer, args, kwargs):
-        seen.update({names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"]})
+        if not seen:
+            seen.extend(p.grad.clone() for g in optimizer.param_groups for p in g["params"])
 
     handle = register_optimizer_step_pre_hook(grab)
     try:
-        result = train(model, FEATURES, pad_id=0, settings=settings, out_dir=out)
+        summary = run_finetune(settings)
     finally:
         handle.remove()
-    return seen, result.metrics[-1]["train_loss"]
+    return seen, summary["metrics"][0]["train_loss"]
 
 
-def test_grad_accum_step_equals_one_batch_of_both(tmp_path):
-    """Two micro-batches of 2 ragged examples (grad_accum=2) give the gradient and loss of one
-    micro-batch of all 4: each micro-batch's mean loss weighs by its share of the step's label
-    tokens, not 1/grad_accum (which was 20 to 31% off here, per LoRA factor)."""
-    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    common = {"lr": 1e-3, "max_steps": 1, "warmup_steps": 0, "warmup_ratio": 0.0, "max_grad_norm": 0.0,
-              "progress": False}
-    accumulated, loss_2 = step_gradients(copy.deepcopy(model), TrainSettings(batch_size=2, grad_accum=2, **common),
-                                         tmp_path / "a")
-    whole, loss_1 = step_gradients(copy.deepcopy(model), TrainSettings(batch_size=4, grad_accum=1, **common),
-                                   tmp_path / "b")
-    assert accumulated.keys() == whole.keys() and len(whole) == 8
-    for name, g in whole.items():
-        rel = float((accumulated[name] - g).norm() / g.norm())
-        assert rel < 1e-5, (name, rel)
-    assert abs(loss_2 - loss_1) < 1e-6 * loss_1
+@pytest.mark.parametrize("kind", ["causal", "classification"])
+def test_grad_accum_step_equals_one_batch_of_all(tmp_path, kind):
+    """Micro-batches of 3 and 2 ragged examples (grad_accum=2) give the gradient and loss of one
+    micro-batch of all 5: each micro-batch weighs by its share of the step's loss terms (label tokens,
+    or examples), not 1/grad_accum."""
+    if kind == "causal":
+        model, data = tiny_llama(tmp_path / "m"), write_jsonl(tmp_path / "d.jsonl", question_records(5, seed=2))
+    else:
+        model, data = tiny_bert(tmp_path / "m"), write_jsonl(tmp_path / "d.jsonl", sentiment_records(5, seed=2))
+        config = AutoConfig.from_pretrained(model)  # dropout masks would differ with the batch shapes
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+        config.save_pretrained(model)
+    common = dict(model=str(model), data=str(data), rank=2, init_samples=2, lr=1e-3, max_steps=1, warmup_ratio=0.0,
+                  max_grad_norm=0.0, save_every=0, quiet=True, variant="lora-one")
+    accumulated, loss_2 = first_step(FinetuneSettings(out=str(tmp_path / "a"), batch_size=3, grad_accum=2, **common))
+    whole, loss_1 = first_step(FinetuneSettings(out=str(tmp_path / "b"), batch_size=5, grad_accum=1, **common))
+    assert len(accumulated) == len(whole) > 0
+    for a, w in zip(accumulated, whole):
+        rel = float((a - w).norm() / w.norm())
+        assert rel < 1e-5, rel
+    assert loss_2 == pytest.approx(loss_1, rel=1e-6)

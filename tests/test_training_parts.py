@@ -1,8 +1,9 @@
-"""The parts under `finetune`: candidate scoring, label sets, config files, data order, LoRA+, the probe."""
+"""The parts under `finetune`: candidate scoring, label sets, settings from flags and config files, LoRA+, the probe."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,12 +11,13 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import TYPES, one_thread, question_records, tiny_bert, tiny_llama  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_one.config import config_aware, resolve
+from lora_one.cli.args import add_settings, settings_from
 from lora_one.data import collate, loss_terms, prompt_ids, response_ids
 from lora_one.errors import UsageError
 from lora_one.evaluate import infer_choices, match_choices, score_candidates
+from lora_one.optim import create_optimizer
 from lora_one.probe import fit_logistic, probe_head
-from lora_one.train import BatchOrder, TrainSettings, build_optimizer, rank_share
+from lora_one.settings import required, setting
 
 
 @pytest.fixture(scope="module")
@@ -54,40 +56,37 @@ def test_label_sets():
         match_choices([" human"], [" human", " number"])
 
 
-def _parser():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--flag", action="store_true")
-    p.add_argument("--kind", choices=("a", "b"), default="a")
-    return config_aware(p)
+@dataclass(kw_only=True)
+class Toy:
+    """Toy settings (for the test)."""
+
+    model: str = required("the model")
+    lr: float = setting(2e-4, "learning rate")
+    steps: int = setting(10, "steps")
+    flag: bool = setting(False, "a flag")
+    cache: bool = setting(True, "on unless --no-cache", flag="--no-cache")
+    kind: str = setting("a", "a kind", ("a", "b"))
+    extra: str | None = setting(None, "optional")
 
 
-def test_config_precedence_and_checks(tmp_path):
+def _parse(argv):
+    return settings_from(add_settings(argparse.ArgumentParser(), Toy).parse_args(argv))
+
+
+def test_settings_from_flags_then_config_then_defaults(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: m\nlr: 1e-3\nsteps: 5\nflag: true\n")
-    args = resolve(_parser().parse_args(["--config", str(cfg), "--steps", "10"]))
+    cfg.write_text("model: m\nlr: 1e-3\nsteps: 5\nflag: true\ncache: false\n")
+    got = _parse(["--config", str(cfg), "--steps", "10"])
     # 10 equals the default, but was typed: it wins over the file.
-    assert (args.model, args.lr, args.steps, args.flag, args.kind) == ("m", 1e-3, 10, True, "a")
-    assert resolve(_parser().parse_args(["--model", "x"])).lr == 2e-4
+    assert got == Toy(model="m", lr=1e-3, steps=10, flag=True, cache=False, kind="a")
+    assert _parse(["--model", "x", "--no-cache"]) == Toy(model="x", cache=False)
     for text, message in [("lr: fast\n", "valid float"), ("steps: 2.5\n", "integer"), ("kind: c\n", "not one of"),
                           ("flag: 1\n", "true or false"), ("speed: 3\n", "unknown setting"), ("- 1\n", "mapping")]:
         cfg.write_text("model: m\n" + text if not text.startswith("-") else text)
         with pytest.raises(UsageError, match=message):
-            resolve(_parser().parse_args(["--config", str(cfg)]))
+            _parse(["--config", str(cfg)])
     with pytest.raises(UsageError, match="--model"):
-        resolve(_parser().parse_args([]))
-
-
-def test_batch_order_is_seeded_epochs_of_permutations():
-    order = BatchOrder(10, batch_size=4, seed=7)
-    epoch = [i for m in range(3) for i in order[m]]
-    assert sorted(epoch) == list(range(10)) and order.per_epoch == 3 and len(order[2]) == 2
-    again = BatchOrder(10, batch_size=4, seed=7)
-    assert all(order[m] == again[m] for m in (5, 1, 4))  # random access
-    other = BatchOrder(10, batch_size=4, seed=8)
-    assert any(order[m] != other[m] for m in range(3))
+        _parse([])
 
 
 def test_loss_terms_count_what_the_model_loss_averages(llama):
@@ -101,33 +100,10 @@ def test_loss_terms_count_what_the_model_loss_averages(llama):
     torch.testing.assert_close(mean, sum(sums) / 3)
 
 
-def test_rank_shares_add_up_to_the_step_loss(llama):
-    """Rebuild the mean loss of a step of two micro-batches (grad_accum = 2) from each rank's weighted
-    part of each micro-batch, as DDP averages it."""
-    model, _ = llama
-    g = torch.Generator().manual_seed(0)
-    feats = [{"input_ids": ids, "labels": [-100] * n + ids[n:]}
-             for ids, n in ((torch.randint(1, 30, (L,), generator=g).tolist(), L // 2) for L in (5, 9, 7, 12, 6))]
-    micro = [[3, 0, 4], [1, 2]]
-    step_terms = sum(loss_terms(f) for f in feats)
-    with torch.no_grad():
-        whole = model(**collate(feats, pad_id=0)).loss
-        for world in (1, 2, 3, 7):
-            parts = []
-            for idx in micro:
-                for rank in range(world):
-                    mine, weight = rank_share(feats, idx, rank, world, step_terms)
-                    parts.append(model(**collate(mine, pad_id=0)).loss * weight)
-                    assert weight > 0 or rank >= len(idx)  # only a rank without examples idles
-            torch.testing.assert_close(sum(parts) / world, whole)
-    with pytest.raises(ValueError, match="no tokens to predict"):
-        rank_share([{"input_ids": [1, 2], "labels": [1, -100]}], [0], 0, 2, 1)
-
-
 def test_lora_plus_and_preconditioned_optimizer(llama):
     model, _ = llama
     peft_model = get_peft_model(AutoModelForCausalLM.from_config(model.config), LoraConfig(r=2, target_modules=["q_proj"]))
-    opt = build_optimizer(peft_model, TrainSettings(lr=1e-3, lora_plus_ratio=16, precondition=True))
+    opt = create_optimizer(peft_model, lr=1e-3, lora_plus_ratio=16, precondition=True)
     names = {id(p): n for n, p in peft_model.named_parameters()}
     lrs = {g["lr"]: {".lora_B." in names[id(p)] for p in g["params"]} for g in opt.param_groups}
     assert lrs == {1e-3: {False}, 1.6e-2: {True}}

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from lora_one.errors import UsageError
 from lora_one.files import check_out_folder, write_text_atomic
-from lora_one.finetune import finetune_args, run_finetune
+from lora_one.finetune import run_finetune
 from lora_one.plots import plot_comparison
+from lora_one.settings import FinetuneSettings
 
 
 @dataclass
@@ -37,9 +38,9 @@ DEMOS = {
         what="SmolLM2-135M-Instruct answering the TREC question type (6 classes) as one word",
         common=dict(SHARED, max_steps=40, batch_size=8, eval_every=20, init_samples=8, eval_batch_size=16),
         methods={
-            "lora": dict(method="lora", lr=5e-4),
-            "lora-one": dict(method="lora-one", lr=5e-4),
-            "lora-one+precond": dict(method="lora-one", precondition=True, lr=1e-3, prec_reg=1e-6),
+            "lora": dict(variant="lora", lr=5e-4),
+            "lora-one": dict(variant="lora-one", lr=5e-4),
+            "lora-one+precond": dict(variant="lora-one", precondition=True, lr=1e-3, prec_reg=1e-6),
         },
     ),
     "sentiment": Demo(
@@ -50,28 +51,16 @@ DEMOS = {
         common=dict(SHARED, max_steps=100, batch_size=16, eval_every=50, init_samples=32, init_batch_size=8,
                     eval_batch_size=64, head_init="random"),
         methods={
-            "lora": dict(method="lora", lr=5e-4),
-            "lora-one": dict(method="lora-one", lr=5e-4),
+            "lora": dict(variant="lora", lr=5e-4),
+            "lora-one": dict(variant="lora-one", lr=5e-4),
             # not swept on this task: the TREC sweep's finding (twice LoRA-One's lr) carried over
-            "lora-one+precond": dict(method="lora-one", precondition=True, lr=1e-3, prec_reg=1e-6),
+            "lora-one+precond": dict(variant="lora-one", precondition=True, lr=1e-3, prec_reg=1e-6),
         },
     ),
 }
 # Settings that fix the step-0 model: runs that agree on them share the step-0 evaluation.
-INIT_KEYS = ("model", "data", "method", "rank", "alpha", "rslora", "dora", "gamma", "init_samples", "init_batch_size",
+INIT_KEYS = ("model", "data", "variant", "rank", "alpha", "rslora", "dora", "gamma", "init_samples", "init_batch_size",
              "target", "svd", "grad_mode", "sketch_passes", "seed", "head_init", "probe_samples", "probe_l2", "max_length")
-
-
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: LoRA vs LoRA-One on an embedded task, with a report")
-    p.add_argument("--task", choices=tuple(DEMOS), default="trec",
-                   help="trec: SmolLM2 + TREC question types (causal LM); sentiment: MiniLM + Rotten Tomatoes")
-    p.add_argument("--out", help="default: runs/demo (trec) or runs/demo-sentiment")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="optimizer steps per method (default: the demo's)")
-    p.add_argument("--methods", help="comma-separated subset of the demo's methods")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
 
 
 def run_demo(task: str = "trec", out: str | Path | None = None, seed: int = 0, steps: int | None = None,
@@ -92,12 +81,12 @@ def run_demo(task: str = "trec", out: str | Path | None = None, seed: int = 0, s
         if steps:
             settings["max_steps"] = steps
             settings["eval_every"] = max(1, steps // 2)
-        args = finetune_args(model=demo.model, data=demo.data, eval_data=demo.test, out=str(out / name),
-                             seed=seed, overwrite=True, quiet=quiet, save_every=0, **settings)
-        key = json.dumps({k: getattr(args, k) for k in INIT_KEYS}, sort_keys=True)
+        run = FinetuneSettings(model=demo.model, data=demo.data, eval_data=demo.test, out=str(out / name),
+                               seed=seed, overwrite=True, quiet=quiet, save_every=0, **settings)
+        key = json.dumps({k: getattr(run, k) for k in INIT_KEYS}, sort_keys=True)
         print(f"\n=== {name} ===", flush=True)
         t = time.perf_counter()
-        summary = run_finetune(args, step0_eval=step0_cache.get(key))
+        summary = run_finetune(run, step0_eval=step0_cache.get(key))
         summary["wall_seconds"] = round(time.perf_counter() - t, 3)
         summary["settings"] = {k: v for k, v in settings.items()}
         first = summary["step0_eval"]
@@ -172,10 +161,3 @@ def report_markdown(result: dict, table: str) -> str:
     lines += ["", "Each method's folder holds its stock PEFT adapter with `lora_one.json`, `metrics.jsonl` and "
               f"`loss.png`. Total wall time {result['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)
-
-
-def cmd_demo(args) -> dict:
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}.")
-    return run_demo(args.task, args.out, args.seed, args.steps, methods, args.quiet)

@@ -162,13 +162,29 @@ def _publish_into(tmp: Path, out: Path, kind: FolderKind) -> None:
 
 
 def remove_ours(folder: str | os.PathLike, patterns: tuple[str, ...]) -> None:
-    """Delete the files (never folders) in `folder` that match `patterns`, in the patterns' order
-    (name the marker first), then the subfolders the patterns name if that left them empty."""
+    """Delete the files (never folders) in `folder` that match `patterns` (globs, also in subfolders:
+    `checkpoint-*/optimizer.pt`), in the patterns' order (name the marker first), then the subfolders
+    the patterns name if that left them empty."""
     folder = Path(folder)
     for pattern in patterns:
         for path in sorted(folder.glob(pattern)):
             if path.is_file() or path.is_symlink():
                 path.unlink()
-    for sub in {Path(p).parent for p in patterns} - {Path(".")}:
-        if (folder / sub).is_dir() and not any((folder / sub).iterdir()):
-            (folder / sub).rmdir()
+    for sub_pattern in sorted({str(Path(p).parent) for p in patterns} - {"."}):
+        for sub in sorted(folder.glob(sub_pattern)):
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be made: outputs are written into a temporary
+    sibling first, so the nearest existing folder above `path` must be a folder we may write in."""
+    where = Path(os.path.abspath(path)).parent
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir():
+        raise UsageError(f"{flag} {str(path)!r}: {str(where)!r} is a file, so nothing can be made under it; "
+                         "choose another path.")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(path)!r}: no permission to write in {str(where)!r}; choose a folder you "
+                         "can write in.")

@@ -1,200 +1,178 @@
-"""`lora-one finetune`: data -> (linear probe) -> LoRA-One init -> training -> adapter + report files.
+"""`lora-one finetune` as a recipe: data -> (linear probe) -> LoRA-One init -> `transformers.Trainer`.
 
-Output folder: the stock PEFT adapter with its `lora_one.json` sidecar, `args.json` (every setting
-used; it loads back with `--config`), `metrics.jsonl`, `loss.png` and `checkpoints/`.
+Output folder: the stock PEFT adapter with its `lora_one.json` sidecar, `args.json` (every setting;
+it loads back with `--config`), `metrics.jsonl`, `loss.png`, `lora_one_step0.safetensors` (the step-0
+adapter, so that `--resume` needs no gradient pass) and the Trainer's `checkpoint-N/` folders.
 
-Under `torchrun` or `accelerate launch` every process runs this same function: the init samples are
-split across the ranks (`lora_one.gradients` sums their gradients), training splits every micro-batch
-(`lora_one.train`), and rank 0 alone evaluates and writes the output folder.
+The init runs before the Trainer is built, with the library's `get_lora_one_model` on init samples
+drawn by the seed alone (not by the number of processes), so every variant works, including those
+that rewrite the base weights, and `--resume` rebuilds the step-0 model from the saved file. The
+Trainer then does what it does for any PEFT model: the loop, gradient accumulation weighted by the
+loss terms of the whole step (`num_items_in_batch`), DDP under `torchrun` / `accelerate launch`,
+mixed precision, gradient checkpointing, checkpoints and their exact resume, reporting.
+
+`--batch-size` is the batch of one micro-step over all processes (each takes `batch_size / N`), so
+the steps and the data order do not depend on the number of processes. Every process evaluates
+(the same numbers; nobody waits in a collective meanwhile); the main process writes the files.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
+import math
+import pickle
 import random
+import signal
 import sys
+import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import safe_globals
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lora_one import embedded_data, parallel
-from lora_one.config import (
-    check_shared_settings,
-    check_writable,
-    complete_model_settings,
-    config_aware,
-    resolve,
-    settings_of,
-)
-from lora_one.data import init_batches, init_sample_indices, read_records
+from lora_one import embedded_data
+from lora_one.data import collate, init_batches, init_sample_indices, read_records
 from lora_one.errors import UsageError
 from lora_one.evaluate import infer_choices, make_evaluator, parse_choices
-from lora_one.files import ADAPTER, check_out_folder, remove_ours, write_text_atomic
+from lora_one.files import ADAPTER, check_out_folder, check_writable, remove_ours, replacing, write_text_atomic
+from lora_one.hub import check_hub_access, push_adapter
 from lora_one.init import get_lora_one_model, lora_one_state, restore_lora_one
 from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, resolve_model_path
-from lora_one.optim import DEFAULT_REG
+from lora_one.optim import create_optimizer
+from lora_one.parallel import all_reduce_sum, is_main_process, process_index
 from lora_one.plots import plot_loss
 from lora_one.probe import probe_head
+from lora_one.runs import base_model_name_of, complete_model_settings, load_task_data, lora_config_of
 from lora_one.save import SIDECAR, save_adapter
-from lora_one.spectral import VARIANTS
-from lora_one.train import (
-    CHECKPOINTS,
-    METRICS,
-    SCHEDULES,
-    TrainingInterrupted,
-    TrainSettings,
-    latest_checkpoint,
-    read_checkpoint,
-    train,
-)
+from lora_one.settings import FinetuneSettings, as_dict
 
 ARGS = "args.json"
+METRICS = "metrics.jsonl"
+STEP0 = "lora_one_step0.safetensors"
 # Settings that may change between a run and its --resume without changing the result.
 RESUME_FREE = ("resume", "overwrite", "save_every", "quiet", "eval_batch_size", "device", "offload",
-               "base_model_name")
+               "base_model_name", "report_to", "push_to_hub", "hub_model_id")
+# What a Trainer checkpoint folder holds (rng_state_N.pth: one per process).
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "optimizer.pt", "scheduler.pt",
+                    "scaler.pt", "rng_state*.pth", TRAINER_STATE_NAME, "training_args.bin", SIDECAR)
 # The files of a run in its folder, which --overwrite deletes (and nothing else), the adapter's marker
 # first so the folder never looks like a finished run; a README.md is left alone (it may be the user's).
-RUN_FILES = (ADAPTER.marker, *ADAPTER.stale, SIDECAR, ARGS, METRICS, "loss.png", "eval.json",
-             f"{CHECKPOINTS}/step-*.pt", f"{CHECKPOINTS}/.step-*")
+RUN_FILES = (ADAPTER.marker, *ADAPTER.stale, SIDECAR, ARGS, METRICS, "loss.png", "eval.json", STEP0,
+             *(f"{PREFIX_CHECKPOINT_DIR}-*/{name}" for name in CHECKPOINT_FILES))
 
 
-def add_finetune_parser(sub) -> argparse.ArgumentParser:
-    from lora_one.cli import add_lora_args, add_model_data_args  # noqa: PLC0415 (cli imports this module)
-
-    p = sub.add_parser("finetune", help="LoRA-One init + fine-tuning; saves a stock PEFT adapter")
-    add_model_data_args(p)
-    add_lora_args(p)
-    g = p.add_argument_group("method")
-    g.add_argument("--method", choices=VARIANTS, default="lora-one", help="adapter init")
-    g.add_argument("--precondition", action="store_true", help="Riemannian (scaled) AdamW")
-    g.add_argument("--prec-reg", type=float, default=DEFAULT_REG, help="damping of the preconditioner")
-    g.add_argument("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: lr of lora_B = ratio * lr")
-    g.add_argument("--head-init", choices=("random", "probe"), default="random",
-                   help="classification head: keep the fresh random head, or fit a linear probe on frozen "
-                   "features before the init (see docs/demo.md for what each gave)")
-    g.add_argument("--probe-samples", type=int, default=2000, help="training examples for the linear probe")
-    g.add_argument("--probe-l2", type=float, default=1e-4, help="L2 penalty of the linear probe")
-    g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, default=2e-4, help="learning rate")
-    g.add_argument("--schedule", choices=SCHEDULES, default="linear")
-    g.add_argument("--warmup-steps", type=int, default=0, help="overrides --warmup-ratio when > 0")
-    g.add_argument("--warmup-ratio", type=float, default=0.03)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-data", help="held-out data (default for embedded data: its :val split)")
-    g.add_argument("--eval-split", type=float, help="hold out this fraction of --data instead")
-    g.add_argument("--choices", help="comma-separated closed label set of a causal LM (default: inferred)")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: step 0 and the end only)")
-    g.add_argument("--eval-batch-size", type=int, default=16)
-    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    config_aware(p)
-    p.set_defaults(func=cmd_finetune)
-    return p
+class TrainingInterrupted(Exception):
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted after step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
-def finetune_args(**settings) -> argparse.Namespace:
-    """A resolved finetune namespace from keyword settings (defaults for the rest), for Python callers."""
-    parser = argparse.ArgumentParser()
-    add_finetune_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["finetune"])
-    for key, value in settings.items():
-        if key not in args._config_actions and key != "config":
-            raise UsageError(f"Unknown finetune setting {key!r}.")
-        setattr(args, key, value)
-    return resolve(args)
+# ---------------------------------------------------------------- settings and the output folder
 
 
-def train_settings_of(args) -> TrainSettings:
-    return TrainSettings(
-        lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        epochs=args.epochs, max_steps=args.max_steps, eval_every=args.eval_every, save_every=args.save_every,
-        max_grad_norm=args.max_grad_norm, precondition=args.precondition, prec_reg=args.prec_reg,
-        lora_plus_ratio=args.lora_plus_ratio, bf16=args.bf16, seed=args.seed, progress=not args.quiet,
-    )
+def total_steps(s: FinetuneSettings, n_examples: int) -> int:
+    if s.max_steps:
+        return s.max_steps
+    per_epoch = math.ceil(n_examples / (s.batch_size * s.grad_accum))
+    return max(1, math.ceil(s.epochs * per_epoch))
 
 
-def _check_settings(args) -> None:
-    """Refuse bad settings before anything is loaded: those shared with `init` in one place
-    (`check_shared_settings`), then the training and evaluation ones."""
-    check_shared_settings(args)
-    check_writable(args.out)
-    train_settings_of(args).check()
-    problems = []
-    if args.probe_samples < 1:
-        problems.append(f"--probe-samples must be >= 1, got {args.probe_samples}")
-    if not args.probe_l2 >= 0:
-        problems.append(f"--probe-l2 must be >= 0, got {args.probe_l2}")
-    if args.eval_batch_size < 1:
-        problems.append(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
-    if args.eval_split is not None and not 0 < args.eval_split < 1:
-        problems.append(f"--eval-split must lie in (0, 1), got {args.eval_split}")
-    if args.eval_split is not None and args.eval_data:
-        problems.append("give --eval-data or --eval-split, not both")
-    if args.resume and args.overwrite:
-        problems.append("--resume continues the run in --out, --overwrite replaces it: choose one")
-    if problems:
-        raise UsageError("; ".join(problems) + ".")
+def warmup_steps(s: FinetuneSettings, total: int) -> int:
+    n = s.warmup_steps or round(s.warmup_ratio * total)
+    if n >= total:
+        raise UsageError(f"{n} warm-up steps leave nothing of the {total} training steps; lower the warm-up.")
+    return n
 
 
-def _complete_defaults(args) -> None:
+def _complete_defaults(s: FinetuneSettings) -> None:
     """Fill the settings whose default depends on the model or data, so args.json records them."""
-    args.task = args.task or infer_task(resolve_model_path(args.model))
-    data = str(args.data)
-    if not args.eval_data and args.eval_split is None and embedded_data.is_embedded(data):
-        name, _, split = data.partition(":")
+    s.task = s.task or infer_task(resolve_model_path(s.model))
+    if not s.eval_data and s.eval_split is None and embedded_data.is_embedded(s.data):
+        name, _, split = s.data.partition(":")
         if split in ("", "train"):
-            args.eval_data = f"{name}:val"
-    complete_model_settings(args)
+            s.eval_data = f"{name}:val"
+    complete_model_settings(s)
 
 
-def _check_out_dir(out: Path, args) -> None:
+def completed_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished writing (its trainer_state.json comes last)."""
+    done = [p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / TRAINER_STATE_NAME).is_file()]
+    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def _check_out_dir(out: Path, s: FinetuneSettings) -> None:
     """Refuse an --out that holds something, unless --overwrite, or --resume of the same run."""
     check_out_folder(out)
-    current = settings_of(args)
-    if args.resume:
+    # The Trainer removes older checkpoint folders whole (save_total_limit): they must hold nothing else.
+    foreign = [p for p in sorted(out.glob(f"{PREFIX_CHECKPOINT_DIR}-*/*"))
+               if not any(p.match(name) for name in CHECKPOINT_FILES)]
+    if foreign:
+        raise UsageError(f"{foreign[0]} is not a file of the run's checkpoints, whose folders the Trainer deletes "
+                         "whole; move it out of the run folder first.")
+    if s.resume:
         if not (out / ARGS).is_file():
             raise UsageError(f"--resume: {str(out)!r} holds no run (no {ARGS}); start it without --resume.")
-        saved = json.loads((out / ARGS).read_text())
-        differ = [
-            f"{k} {saved.get(k)!r} there, {current.get(k)!r} now"
-            for k in sorted(set(saved) | set(current))
-            if k not in RESUME_FREE and saved.get(k) != current.get(k)
-        ]
+        saved, current = json.loads((out / ARGS).read_text()), as_dict(s)
+        differ = [f"{k} {saved.get(k)!r} there, {current.get(k)!r} now"
+                  for k in sorted(set(saved) | set(current))
+                  if k not in RESUME_FREE and saved.get(k) != current.get(k)]
         if differ:
             raise UsageError(f"--resume: {str(out)!r} is a run with other settings: {'; '.join(differ)}.")
-        if latest_checkpoint(out) is None:
+        if completed_checkpoint(out) is None or not (out / STEP0).is_file():
             raise UsageError(f"--resume: {str(out)!r} has no checkpoint yet; start again with --overwrite.")
         return
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(
-            f"--out {str(out)!r} exists and is not empty; pass --resume to continue its run, --overwrite to "
-            "replace it, or choose another folder."
-        )
-    if out.exists() and any(out.iterdir()) and not (out / ARGS).is_file():
-        # --overwrite deletes an earlier run's files by name: only where a run was, never a user's namesakes
-        raise UsageError(
-            f"--overwrite: {str(out)!r} holds files but no lora-one run (no {ARGS}), so nothing in it is ours to "
-            "replace; choose a new or empty folder."
-        )
+    if out.exists() and any(out.iterdir()):
+        if not s.overwrite:
+            raise UsageError(f"--out {str(out)!r} exists and is not empty; pass --resume to continue its run, "
+                             "--overwrite to replace it, or choose another folder.")
+        if not (out / ARGS).is_file():  # --overwrite deletes a run's files by name, never a user's namesakes
+            raise UsageError(f"--overwrite: {str(out)!r} holds files but no lora-one run (no {ARGS}), so nothing "
+                             "in it is ours to replace; choose a new or empty folder.")
 
 
-def _start_out_dir(out: Path, args) -> None:
-    """Delete the files of an earlier run in --out (if any; only RUN_FILES) and record this run's settings."""
-    remove_ours(out, RUN_FILES)
-    write_text_atomic(out / ARGS, json.dumps(settings_of(args), indent=2) + "\n")
+def _check_checkpoint(ckpt: Path) -> None:
+    """Read the checkpoint as the Trainer will (tensors and plain containers only) so that a damaged
+    or foreign one is one error line here, not a traceback from inside the Trainer."""
+    try:
+        json.loads((ckpt / TRAINER_STATE_NAME).read_text())
+        with safe_open(ckpt / "adapter_model.safetensors", "pt"):
+            pass
+        with safe_globals():
+            for path in ckpt.glob("*.p*"):
+                if path.suffix in (".pt", ".pth"):
+                    torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"Checkpoint {ckpt} holds more than tensors and plain containers, so it is not loaded (it "
+                         "could run code); resume only checkpoints lora-one wrote.") from None
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file: the same to the user, whatever failed)
+        raise UsageError(f"Checkpoint {ckpt} cannot be read ({type(e).__name__}); it is damaged: start again with "
+                         "--overwrite.") from None
+
+
+def _save_step0(path: Path, state: dict) -> None:
+    with replacing(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state["parameters"].items()}, tmp,
+                  metadata={"adapter": state["adapter"], "lora_one": json.dumps(state["metadata"])})
+
+
+def _load_step0(path: Path) -> dict:
+    with safe_open(path, "pt") as f:
+        header = f.metadata()
+    return {"adapter": header["adapter"], "parameters": load_file(path), "metadata": json.loads(header["lora_one"])}
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -206,140 +184,333 @@ def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(idx[n_eval:]), sorted(idx[:n_eval])
 
 
-def run_finetune(args, on_step=None, step0_eval: dict | None = None) -> dict:
-    """The whole `finetune` command on a resolved namespace; returns a summary of the run."""
-    _check_settings(args)
-    _complete_defaults(args)
-    _check_out_dir(Path(args.out), args)  # on every rank, before rank 0 can write (it waits for all to join)
-    parallel.refuse_ignored_launch_settings(args.bf16)
-    with parallel.process_group(args.device) as device:
-        return _run(args, device, on_step, step0_eval)
+# ---------------------------------------------------------------- the Trainer and its callbacks
 
 
-def _run(args, device: torch.device, on_step, step0_eval: dict | None) -> dict:
-    from lora_one.cli import base_model_name_of, fields_of, load_task_data, lora_config_of  # noqa: PLC0415
+class _Trainer(Trainer):
+    """A Trainer whose evaluation is ours: closed-label log-likelihood accuracy, exact match or
+    classification accuracy, and the loss, on the held-out records."""
 
-    out = Path(args.out)
-    main = parallel.is_main_process()
-    task = args.task
-    quiet = args.quiet
-    fields = fields_of(args)
-    torch.manual_seed(args.seed)
-    model, tokenizer, task, records, feats, label2id = load_task_data(args, args.data)
+    def __init__(self, *args, evaluator=None, settings: FinetuneSettings, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.evaluator, self.settings = evaluator, settings
+        self.eval_seconds = 0.0
+
+    def create_optimizer(self, model=None):
+        """Ours (AdamW, preconditioned or not, LoRA+), built where the Trainer builds its own: after
+        the model is prepared, so that it also works when the launch shards the model."""
+        if self.optimizer is None:
+            s = self.settings
+            if s.precondition and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                raise UsageError("--precondition needs whole LoRA factors on every process, which FSDP and DeepSpeed "
+                                 "shard; drop --precondition or launch without sharding (DDP).")
+            self.optimizer = create_optimizer(self.model, s.lr, precondition=s.precondition, reg=s.prec_reg,
+                                              weight_decay=s.weight_decay, lora_plus_ratio=s.lora_plus_ratio)
+        return self.optimizer
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        if self.evaluator is None:
+            return {}
+        t = time.perf_counter()
+        model = self.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            results = self.evaluator(model)
+        model.train(was_training)
+        self.eval_seconds += time.perf_counter() - t
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in results.items()}
+        self.log_metrics_at_step(metrics)
+        return metrics
+
+    def log_metrics_at_step(self, metrics: dict) -> None:
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+
+
+def _class_loss(outputs, labels, num_items_in_batch=None):
+    """Sequence classification's loss as a sum over the micro-batch divided by the examples of the
+    whole step (the Trainer counts them over the accumulated micro-batches and the processes), so a
+    short micro-batch weighs by its examples, as in the one-step gradient of the init."""
+    loss = F.cross_entropy(outputs.logits.float(), labels, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+
+
+class RunLog(TrainerCallback):
+    """`metrics.jsonl` (one JSON line per step and per evaluation, flushed at once; cut back to the
+    checkpoint's step on resume), the progress bar, the evaluation schedule (every `eval_every`
+    steps and at the end) and the time spent in training steps alone."""
+
+    def __init__(self, path: Path | None, eval_every: int, has_eval: bool, progress: bool, keep_until: int | None):
+        self.path, self.eval_every, self.has_eval, self.progress = path, eval_every, has_eval, progress
+        self.entries: list[dict] = []
+        self.train_seconds = 0.0
+        self._t = None
+        self._bar = None
+        if path is not None:
+            if keep_until is not None and path.exists():
+                with path.open(encoding="utf-8") as f:
+                    self.entries = [e for e in map(json.loads, filter(str.strip, f)) if e["step"] <= keep_until]
+            write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in self.entries))
+
+    def _write(self, entry: dict) -> None:
+        self.entries.append(entry)
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                         disable=not (self.progress and state.is_world_process_zero), dynamic_ncols=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.train_seconds += time.perf_counter() - self._t
+        step = state.global_step
+        if self.has_eval and (step == state.max_steps or (self.eval_every and step % self.eval_every == 0)):
+            control.should_evaluate = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        evals = {k: v for k, v in logs.items() if k.startswith("eval_")}
+        if evals:
+            self._write({"step": state.global_step, **evals})
+        elif "loss" in logs:
+            entry = {"step": state.global_step, "train_loss": logs["loss"], "lr": logs.get("learning_rate"),
+                     "grad_norm": logs.get("grad_norm")}
+            self._write(entry)
+            if self._bar is not None:
+                self._bar.update(state.global_step - self._bar.n)
+                self._bar.set_postfix(loss=f"{entry['train_loss']:.4f}", lr=f"{entry['lr']:.2e}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.close()
+
+
+class StopOnSignal(TrainerCallback):
+    """The first SIGINT/SIGTERM asks every process to stop after the step in progress, with a
+    checkpoint; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = torch.tensor([float(self.requested)], device=args.device)
+        if all_reduce_sum(flag).item():  # every process stops at the same step
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nStopping after the current step (press Ctrl-C again to stop at once) ...", flush=True)
+
+        for sig in old:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+
+def training_arguments(s: FinetuneSettings, out: Path) -> TrainingArguments:
+    """The Trainer's settings for ours, but the steps (they depend on the data). Building them joins
+    the launcher's process group, if any."""
+    targs = TrainingArguments(
+        output_dir=str(out), max_steps=1, gradient_accumulation_steps=s.grad_accum, learning_rate=s.lr,
+        lr_scheduler_type=s.schedule, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
+        bf16=s.bf16, fp16=s.fp16, activation_checkpointing=s.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant would need grads on the inputs
+        logging_steps=1, eval_strategy="no", save_strategy="steps" if s.save_every else "no",
+        save_steps=s.save_every or 1, save_total_limit=1, report_to=s.report_to, seed=s.seed,
+        use_cpu=s.device == "cpu", remove_unused_columns=False, label_names=["labels"],
+        dataloader_pin_memory=s.device.startswith("cuda"), disable_tqdm=s.quiet, ddp_find_unused_parameters=False,
+    )
+    if s.batch_size % targs.world_size:
+        raise UsageError(f"--batch-size {s.batch_size} does not split over {targs.world_size} processes; give a "
+                         f"multiple of {targs.world_size}.")
+    targs.per_device_train_batch_size = s.batch_size // targs.world_size
+    return targs
+
+
+def _check_environment(s: FinetuneSettings) -> None:
+    """Refuse, before any work, what the machine cannot do for these settings."""
+    import importlib.util  # noqa: PLC0415
+
+    if s.fp16 and not s.device.startswith("cuda"):
+        raise UsageError(f"--fp16 needs a CUDA device, not {s.device}; use --bf16 (or neither).")
+    if s.device.startswith("cuda:"):
+        raise UsageError(f"--device {s.device}: finetune takes the GPU the Trainer assigns; pass --device cuda and "
+                         "choose the GPU with CUDA_VISIBLE_DEVICES.")
+    package = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(s.report_to, ())
+    if package and not any(importlib.util.find_spec(p) for p in package):
+        raise UsageError(f"--report-to {s.report_to} needs the {package[0]} package: pip install {package[0]} "
+                         "(or --report-to none).")
+    if s.push_to_hub:
+        check_hub_access()
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
+                 callbacks: tuple[TrainerCallback, ...] = ()) -> dict:
+    """The whole `finetune` recipe; returns a summary of the run. `step0_eval` supplies the step-0
+    evaluation when the caller already knows it (an identical init, in `demo`); `callbacks` go to the
+    Trainer."""
+    s = dataclasses.replace(s)  # the defaults filled in below are the run's, not the caller's
+    s.check()
+    check_writable(s.out)
+    _complete_defaults(s)
+    _check_environment(s)
+    out = Path(s.out)
+    _check_out_dir(out, s)
+    targs = training_arguments(s, out)
+    main = is_main_process()
+    fields = s.fields
+    set_seed(s.seed)  # a classifier's fresh head is drawn when the model loads
+    model, tokenizer, task, records, feats, label2id = load_task_data(s, s.data)
     eval_records = None
-    if args.eval_split is not None:
-        train_idx, eval_idx = _split(len(records), args.eval_split, args.seed)
+    if s.eval_split is not None:
+        train_idx, eval_idx = _split(len(records), s.eval_split, s.seed)
         feats, eval_records = [feats[i] for i in train_idx], [records[i] for i in eval_idx]
         records = [records[i] for i in train_idx]
-    elif args.eval_data:
-        eval_records = read_records(args.eval_data, task, fields)
-    init_sample_indices(len(feats), args.init_samples, args.seed)  # too few records: refuse before writing
+    elif s.eval_data:
+        eval_records = read_records(s.eval_data, task, fields)
+    if not feats:
+        raise UsageError(f"{s.data}: no training examples are left.")
+    init_sample_indices(len(feats), s.init_samples, s.seed)  # too few records: refuse before writing
     choices = None
     if task == CAUSAL_LM:
         responses = [str(r[fields.response]) for r in records]
-        choices = parse_choices(args.choices) if args.choices else infer_choices(responses)
+        choices = parse_choices(s.choices) if s.choices else infer_choices(responses)
     evaluator = None
     if eval_records is not None:
-        evaluator = make_evaluator(task, eval_records, tokenizer, fields, args.max_length, args.chat_template,
-                                   choices, label2id, args.eval_batch_size, too_long=args.too_long)
+        evaluator = make_evaluator(task, eval_records, tokenizer, fields, s.max_length, s.chat_template,
+                                   choices, label2id, s.eval_batch_size, too_long=s.too_long)
         if evaluator.note and main:
-            print(f"{args.eval_data or 'the held-out split'}: {evaluator.note}", flush=True)
-    model.to(device)
+            print(f"{s.eval_data or 'the held-out split'}: {evaluator.note}", flush=True)
+
+    total = total_steps(s, len(feats))
+    targs.max_steps, targs.warmup_steps = total, warmup_steps(s, total)
+    world = targs.world_size
+    model.to(targs.device)
     pad_id = tokenizer.pad_token_id
-    if not args.resume and main:  # only now that model and data are known to load
-        _start_out_dir(out, args)
+    if not s.resume and main:  # only now that model and data are known to load
+        remove_ours(out, RUN_FILES)
+        write_text_atomic(out / ARGS, json.dumps(as_dict(s), indent=2) + "\n")
 
     t0 = time.perf_counter()
-    if args.resume:  # the step-0 adapter is in the checkpoint: no probe, no gradient pass, no SVD
-        saved = read_checkpoint(latest_checkpoint(out))
-        if "init" not in saved:
-            raise UsageError(f"--resume: the checkpoint in {str(out)!r} predates stored step-0 adapters; start "
-                             "again with --overwrite.")
-        peft_model = restore_lora_one(model, lora_config_of(args, task), saved["init"])
-        probe_info, probe_seconds = saved["probe"], 0.0
+    checkpoint = None
+    if s.resume:  # the step-0 adapter is saved: no probe, no gradient pass, no SVD
+        checkpoint = completed_checkpoint(out)
+        _check_checkpoint(checkpoint)
+        state = _load_step0(out / STEP0)
+        peft_model = restore_lora_one(model, lora_config_of(s, task), state)
+        probe_info, probe_seconds = state["metadata"].get("probe", {}), 0.0
     else:
         probe_info = {}
-        if task == CLASSIFICATION and args.head_init == "probe":
-            probe_info = probe_head(model, feats, pad_id, args.probe_samples, args.seed, args.probe_l2)
+        if task == CLASSIFICATION and s.head_init == "probe":
+            probe_info = probe_head(model, feats, pad_id, s.probe_samples, s.seed, s.probe_l2)
         probe_seconds = time.perf_counter() - t0
-        batches = init_batches(feats, args.init_samples, args.init_batch_size, args.seed, pad_id)
-        batches = batches[parallel.rank() :: parallel.world_size()]  # this rank's shard of the init samples
+        batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, pad_id)
+        batches = batches[process_index() :: world]  # this process's share of the init samples
         peft_model = get_lora_one_model(
-            model, lora_config_of(args, task), batches, variant=args.method, gamma=args.gamma, svd=args.svd,
-            seed=args.seed, progress=not quiet, grad_mode=args.grad_mode, offload=args.offload,
-            sketch_passes=args.sketch_passes, num_samples=None,  # the shards hold exactly --init-samples
+            model, lora_config_of(s, task), batches, variant=s.variant, gamma=s.gamma, svd=s.svd, seed=s.seed,
+            progress=not s.quiet, grad_mode=s.grad_mode, offload=s.offload, sketch_passes=s.sketch_passes,
+            num_samples=None,  # the shares hold exactly --init-samples
         )
+        peft_model.lora_one_metadata["probe"] = probe_info
+        if main:
+            _save_step0(out / STEP0, lora_one_state(peft_model))
     init_seconds = time.perf_counter() - t0
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if main:
-        print(f"{args.method}{' + preconditioner' if args.precondition else ''}: init {init_seconds:.1f} s "
+        print(f"{s.variant}{' + preconditioner' if s.precondition else ''}: init {init_seconds:.1f} s "
               f"(probe {probe_seconds:.1f} s), {trainable:,} trainable parameters", flush=True)
 
-    settings = train_settings_of(args)
-    extra = {"init": lora_one_state(peft_model), "probe": probe_info}  # what --resume restores
+    run_log = RunLog(out / METRICS if main else None, s.eval_every, evaluator is not None, not s.quiet,
+                     keep_until=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None)
+    stop = StopOnSignal()
+    trainer = _Trainer(
+        model=peft_model, args=targs, train_dataset=feats, data_collator=partial(collate, pad_id=pad_id),
+        callbacks=[run_log, stop, *callbacks], evaluator=evaluator, settings=s,
+        compute_loss_func=_class_loss if task == CLASSIFICATION else None,
+    )
+    for quiet_default in (PrinterCallback, ProgressCallback):  # RunLog shows the progress instead
+        trainer.remove_callback(quiet_default)
+    if checkpoint is None and evaluator is not None:
+        if step0_eval is not None:
+            trainer.log_metrics_at_step({f"eval_{k}": v for k, v in step0_eval.items()})
+        else:
+            trainer.evaluate()
     resume_hint = f"lora-one finetune --config {out / ARGS} --resume"
     try:
-        result = train(peft_model, feats, pad_id, settings, out, evaluator, resume=args.resume,
-                       step0_eval=step0_eval, checkpoint_extra=extra, on_step=on_step)
-    except TrainingInterrupted as e:
-        if main:
-            print(f"Interrupted after step {e.step}; checkpoint {e.checkpoint} is complete. Resume with:\n"
-                  f"  {resume_hint}", file=sys.stderr, flush=True)
-        raise
+        with stop.installed(), warnings.catch_warnings():
+            # checkpoints of base-changing variants hold the converted adapter on purpose (see save.py)
+            warnings.filterwarnings("ignore", message=r"save_pretrained\(.*ORIGINAL base model", category=UserWarning)
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
-        if not main:
-            raise
-        last = latest_checkpoint(out)
-        hint = (f"The last checkpoint {last} is complete; resume with:\n  {resume_hint}" if last
-                else "There is no checkpoint yet; start again with --overwrite.")
-        print(f"Stopped at once. {hint}", file=sys.stderr, flush=True)
+        if main:
+            last = completed_checkpoint(out)
+            hint = (f"The last checkpoint {last} is complete; resume with:\n  {resume_hint}" if last
+                    else "There is no checkpoint yet; start again with --overwrite.")
+            print(f"Stopped at once. {hint}", file=sys.stderr, flush=True)
         raise
+    if stop.stopped_at is not None and stop.stopped_at < total:
+        ckpt = completed_checkpoint(out)
+        if main:
+            print(f"Interrupted after step {stop.stopped_at}; checkpoint {ckpt} is complete. Resume with:\n"
+                  f"  {resume_hint}", file=sys.stderr, flush=True)
+        raise TrainingInterrupted(stop.stopped_at, ckpt)
 
-    evals = [m for m in result.metrics if any(k.startswith("eval_") for k in m)]
+    metrics = run_log.entries
+    evals = [m for m in metrics if any(k.startswith("eval_") for k in m)]
+    steps = trainer.state.global_step - (int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0)
     summary = {
-        "method": args.method,
-        "precondition": args.precondition,
+        "variant": s.variant,
+        "precondition": s.precondition,
         "out": str(out),
-        "rank": parallel.rank(),
-        "steps": result.steps,
+        "process_index": process_index(),
+        "steps": trainer.state.global_step,
         "init_seconds": round(init_seconds, 3),
         "probe_seconds": round(probe_seconds, 3),
-        "train_seconds": round(result.train_seconds, 3),
-        "eval_seconds": round(result.eval_seconds, 3),
-        "steps_per_second": round(result.steps_per_second, 4),
+        "train_seconds": round(run_log.train_seconds, 3),
+        "eval_seconds": round(trainer.eval_seconds, 3),
+        "steps_per_second": round(steps / run_log.train_seconds, 4) if run_log.train_seconds else None,
         "trainable_parameters": trainable,
-        "processes": parallel.world_size(),
+        "processes": world,
         "step0_eval": evals[0] if evals and evals[0]["step"] == 0 else None,
         "final_eval": evals[-1] if evals else None,
-        "metrics": result.metrics,
+        "metrics": metrics,
     }
     meta = {
-        "model": args.model, "data": str(args.data), "task": task, "method": args.method,
-        "precondition": args.precondition, "prec_reg": args.prec_reg, "chat_template": args.chat_template,
-        "fields": vars(fields), "choices": choices, "label2id": label2id, "head_init": args.head_init,
+        "model": s.model, "data": str(s.data), "task": task, "variant": s.variant,
+        "precondition": s.precondition, "prec_reg": s.prec_reg, "chat_template": s.chat_template,
+        "fields": vars(fields), "choices": choices, "label2id": label2id, "head_init": s.head_init,
         **probe_info,
-        "init_sample_indices": init_sample_indices(len(feats), args.init_samples, args.seed),
-        "training": {k: v for k, v in summary.items() if k not in ("metrics", "out", "rank")},
+        "init_sample_indices": init_sample_indices(len(feats), s.init_samples, s.seed),
+        "training": {k: v for k, v in summary.items() if k not in ("metrics", "out", "process_index")},
     }
     if main:
-        plot_loss(result.metrics, out / "loss.png", title=f"{args.method}{' + precond' if args.precondition else ''}")
+        plot_loss(metrics, out / "loss.png", title=f"{s.variant}{' + precond' if s.precondition else ''}")
         # last, into the run folder (its other files stay): adapter_config.json marks the run complete
-        save_adapter(peft_model, out, meta, base_model_name=base_model_name_of(args))
-    parallel.barrier()  # the other ranks wait for the files, so the job ends when they are written
+        save_adapter(peft_model, out, meta, base_model_name=base_model_name_of(s))
+        if s.push_to_hub:
+            summary["hub_url"] = push_adapter(out, s.hub_model_id or out.resolve().name)
+    trainer.accelerator.wait_for_everyone()  # the job ends when the files are written
     return summary
 
-
-def cmd_finetune(args) -> dict:
-    args = resolve(args)
-    try:
-        summary = run_finetune(args)
-    except (TrainingInterrupted, KeyboardInterrupt):
-        raise SystemExit(130) from None
-    if summary["rank"] != 0:
-        return summary
-    final = summary["final_eval"]
-    if final:
-        shown = ", ".join(f"{k[5:]} {v:.4f}" for k, v in final.items() if k.startswith("eval_") and k != "eval_n")
-        print(f"step {final['step']}: {shown}")
-    print(f"saved the adapter, metrics.jsonl and loss.png in {summary['out']}")
-    return summary

@@ -50,7 +50,7 @@ from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 from lora_one.errors import UsageError
 from lora_one.parallel import all_reduce_sum, is_main_process, raise_together, world_size
-from lora_one.parallel import rank as process_rank
+from lora_one.parallel import process_index as process_rank
 from lora_one.sketch import GradientSketch, default_sizes, test_matrix
 from lora_one.spectral import TopSVD, randomized_svd
 from lora_one.targets import base_model_of, find_target_linears

@@ -1,19 +1,15 @@
-"""Data parallelism: join the process group that `torchrun` or `accelerate launch` describes.
+"""The few `torch.distributed` helpers the library needs, all no-ops in a single process.
 
-Both launchers start one process per device and describe the job in environment variables
-(`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); `torch.distributed` reads them.
-Every rank holds the full model; only rank 0 writes files and shows progress. Collectives wait up to
-`LORA_ONE_DIST_TIMEOUT` seconds (default 2 hours) for the slowest process, since rank 0 evaluates
-alone while the others wait.
+The process group itself is the launcher's and the Trainer's business (`torchrun` or `accelerate
+launch` describe the job in environment variables; `TrainingArguments` joins it). Here: which process
+this is, a SUM all-reduce, and errors raised on every process together. "Rank" in this package means
+the LoRA rank; a process is known by its index.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,17 +17,13 @@ import torch.distributed as dist
 from lora_one.errors import UsageError
 
 DEVICE_KINDS = ("cpu", "cuda", "mps")
-TIMEOUT_VAR = "LORA_ONE_DIST_TIMEOUT"
-# Seconds a collective waits for the slowest process. Rank 0 evaluates alone while the others wait at
-# the next collective; NCCL's own default (10 minutes) would end a run whose evaluation takes longer.
-DEFAULT_TIMEOUT = 2 * 60 * 60
 
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
+def process_index() -> int:
     return dist.get_rank() if distributed() else 0
 
 
@@ -40,7 +32,7 @@ def world_size() -> int:
 
 
 def is_main_process() -> bool:
-    return rank() == 0
+    return process_index() == 0
 
 
 def barrier() -> None:
@@ -73,33 +65,7 @@ def raise_together(device: torch.device) -> Iterator[None]:
     messages = [None] * world_size()
     dist.all_gather_object(messages, None if error is None else str(error))
     first = next(r for r, m in enumerate(messages) if m is not None)
-    raise UsageError(f"rank {first} of {len(messages)}: {messages[first]}") from error
-
-
-def launched_world_size() -> int:
-    """The number of processes a launcher started (1 when run as a plain command)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; unset it or launch with torchrun.") from None
-
-
-def refuse_ignored_launch_settings(bf16: bool) -> None:
-    """Refuse `accelerate launch` settings that the fine-tuning loop would otherwise silently ignore:
-    it trains with DistributedDataParallel and reads its precision from its own `--bf16` flag."""
-    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-                      ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")):
-        if os.environ.get(var, "").lower() == "true":
-            raise UsageError(
-                f"accelerate launch with {what}: lora-one finetune trains with DistributedDataParallel "
-                "(the full model on every process); launch with --multi_gpu, or with torchrun."
-            )
-    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if precision not in ("no", "bf16") or (precision == "bf16" and not bf16):
-        raise UsageError(
-            f"accelerate launch --mixed_precision {precision}: lora-one finetune takes its precision from "
-            "its own --bf16 flag (bfloat16 autocast; no fp16). Pass --bf16, or launch with --mixed_precision no."
-        )
+    raise UsageError(f"process {first} of {len(messages)}: {messages[first]}") from error
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,44 +89,3 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available on this machine; use --device cpu (or auto).")
     return dev
-
-
-def collective_timeout() -> timedelta:
-    """How long a collective waits for the slowest process: `LORA_ONE_DIST_TIMEOUT` seconds, default 2 hours."""
-    value = os.environ.get(TIMEOUT_VAR, str(DEFAULT_TIMEOUT))
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise UsageError(f"{TIMEOUT_VAR}={value!r} must be a number of seconds > 0; unset it for {DEFAULT_TIMEOUT}.")
-    return timedelta(seconds=seconds)
-
-
-@contextmanager
-def process_group(device: str) -> Iterator[torch.device]:
-    """Yield the device this process works on, inside the launcher's process group if there is one.
-
-    Under a launcher, `device` names the kind (`cpu`, `cuda`): each process takes `cuda:LOCAL_RANK`
-    and NCCL, or the CPU and gloo, with collectives that wait `collective_timeout()`. A group that the caller
-    already initialised is used as it is.
-    """
-    dev = resolve_device(device)
-    if launched_world_size() <= 1 or distributed():
-        yield dev
-        return
-    if dev.type == "cuda":
-        if dev.index is not None:
-            raise UsageError(
-                f"--device {device} under a multi-process launcher: each process uses cuda:LOCAL_RANK; "
-                "pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs."
-            )
-        dev = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        torch.cuda.set_device(dev)
-    elif dev.type != "cpu":
-        raise UsageError(f"--device {device}: data parallelism runs on cpu (gloo) or cuda (NCCL).")
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=collective_timeout())
-    try:
-        yield dev
-    finally:
-        dist.destroy_process_group()

@@ -1,0 +1,38 @@
+"""`lora-one` command line: one module per subcommand, each a thin layer over a recipe.
+
+Every user error is a `lora_one.errors.UsageError`: `main` prints it as one line and exits 2
+(`LORA_ONE_DEBUG=1` shows the traceback). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lora_one.cli import demo, eval, finetune, init, merge, toy
+from lora_one.errors import UsageError
+
+SUBCOMMANDS = (init, finetune, eval, merge, demo, toy)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-one", description="Fine-tune Hugging Face models with LoRA-One: LoRA adapters initialised from "
+        "the top singular subspace of the one-step full gradient; stock PEFT adapters out.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except UsageError as e:
+        if os.environ.get("LORA_ONE_DEBUG"):
+            raise
+        print(f"lora-one {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return code if isinstance(code, int) else 0

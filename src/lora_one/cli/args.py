@@ -1,0 +1,125 @@
+"""Flags from the settings dataclasses, and `--config FILE` (YAML or JSON) under the flags.
+
+`add_settings(parser, cls)` adds one flag per field of `cls` (help, type, choices and default from
+the field), grouped by the class that declares it, plus `--config`. Every flag's parsed default is a
+sentinel, so after parsing, the flags the user typed are told apart from those left alone whatever
+their value; `settings_from(args)` takes the typed flags, then the config file's keys (the fields'
+names, with `-` or `_`), then the fields' defaults. A finished run's `args.json` loads back as a
+config (JSON is YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from lora_one.errors import UsageError
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET = _Unset()
+
+
+def _base_type(hint) -> type:
+    """`int | None` -> int."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def add_settings(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
+    hints = typing.get_type_hints(cls)
+    groups = {}
+    for f in dataclasses.fields(cls):
+        owner = next(c for c in reversed(cls.__mro__) if f.name in getattr(c, "__dataclass_fields__", {}))
+        if owner not in groups:
+            groups[owner] = parser.add_argument_group(owner.__doc__.split("(")[0].strip())
+        meta, kind = f.metadata, _base_type(hints[f.name])
+        help_text = meta["help"]
+        if f.default is not dataclasses.MISSING and f.default is not None and kind is not bool:
+            help_text += f" (default: {f.default})"
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        if kind is bool:
+            action = "store_false" if f.default else "store_true"
+            groups[owner].add_argument(flag, dest=f.name, action=action, default=UNSET, help=help_text)
+        else:
+            groups[owner].add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"), default=UNSET,
+                                       help=help_text + (" (required)" if meta.get("required") else ""))
+    parser.add_argument("--config", help="YAML or JSON file of settings (a run's args.json too); flags given on the "
+                        "command line override it")
+    parser.set_defaults(settings_class=cls)
+    return parser
+
+
+def _coerce(kind: type, choices, key: str, value, source: str):
+    if value is None:
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"{source}: {key}={value!r} must be true or false.")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UsageError(f"{source}: {key}={value!r} must be a {kind.__name__}.")
+        if kind is int and isinstance(value, float) and value != int(value):
+            raise UsageError(f"{source}: {key}={value!r} must be an integer.")
+        try:
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{source}: {key}={value!r} is not a valid {kind.__name__}.") from None
+    elif isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)  # e.g. target: [q_proj, v_proj]
+    else:
+        value = str(value)
+    if choices is not None and value not in choices:
+        raise UsageError(f"{source}: {key}={value!r} is not one of {list(choices)}.")
+    return value
+
+
+def load_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"Config file {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UsageError(f"Cannot parse {str(path)!r} as YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{str(path)!r} must hold a mapping of settings (key: value), not a {type(data).__name__}.")
+    return data
+
+
+def settings_from(args: argparse.Namespace):
+    """The settings dataclass of a parsed command: flags, else `--config`, else the defaults."""
+    cls = args.settings_class
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    source = args.config
+    from_file = {}
+    for key, value in (load_config(source) if source else {}).items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise UsageError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(fields))}.")
+        from_file[name] = _coerce(_base_type(hints[name]), fields[name].metadata.get("choices"), key, value, source)
+    values = {}
+    for name in fields:
+        typed = getattr(args, name)
+        if typed is not UNSET:
+            values[name] = typed
+        elif name in from_file:
+            values[name] = from_file[name]
+    missing = [f"--{n.replace('_', '-')}" for n, f in fields.items() if f.metadata.get("required") and n not in values]
+    if missing:
+        raise UsageError(f"missing required setting(s) {', '.join(missing)} (give the flag or a config key).")
+    return cls(**values)

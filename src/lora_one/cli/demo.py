@@ -1,0 +1,25 @@
+"""`lora-one demo`: the main job, LoRA vs LoRA-One on an embedded task, with a report."""
+
+from __future__ import annotations
+
+from lora_one.demo import DEMOS, run_demo
+from lora_one.errors import UsageError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: LoRA vs LoRA-One on an embedded task, with a report")
+    p.add_argument("--task", choices=tuple(DEMOS), default="trec",
+                   help="trec: SmolLM2 + TREC question types (causal LM); sentiment: MiniLM + Rotten Tomatoes")
+    p.add_argument("--out", help="default: runs/demo (trec) or runs/demo-sentiment")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="optimizer steps per method (default: the demo's)")
+    p.add_argument("--methods", help="comma-separated subset of the demo's methods")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd)
+
+
+def cmd(args) -> dict:
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}.")
+    return run_demo(args.task, args.out, args.seed, args.steps, methods, args.quiet)

@@ -1,0 +1,148 @@
+"""The `init` and `eval` recipes, and what they share with `finetune`: the model and data of a run's
+settings, its `LoraConfig`, the defaults that depend on the machine or the model, its output folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from lora_one.data import causal_lm_features, classification_features, init_batches, label_mapping, read_records
+from lora_one.errors import UsageError
+from lora_one.evaluate import infer_choices, make_evaluator, parse_choices
+from lora_one.files import check_out_folder, check_writable, write_text_atomic
+from lora_one.init import get_lora_one_model
+from lora_one.load import load_for_eval
+from lora_one.models import CAUSAL_LM, HUB_IDS, infer_task, load_model, max_positions, resolve_model_path
+from lora_one.parallel import is_main_process, resolve_device
+from lora_one.save import save_adapter
+from lora_one.settings import DataSettings, EvalSettings, InitSettings
+
+# --max-length when not given, unless the model has fewer positions.
+DEFAULT_MAX_LENGTH = 256
+
+
+def complete_model_settings(s: DataSettings) -> None:
+    """Fill `device="auto"` (with the kind of device: under a launcher each process takes its own
+    index), the default `grad_mode` and `max_length` (256, or fewer when the model has fewer
+    positions); refuse a `max_length` above the model's positions. In place, so that `args.json`
+    records them."""
+    if s.device == "auto":
+        s.device = resolve_device("auto").type
+    if isinstance(s, InitSettings) and s.grad_mode is None:
+        s.grad_mode = "sketch" if sharded_launch() else "accumulate"
+    positions = max_positions(resolve_model_path(s.model))
+    if s.max_length is None:
+        s.max_length = min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+    elif positions and s.max_length > positions:
+        raise UsageError(f"--max-length {s.max_length} exceeds the model's {positions} positions "
+                         f"(max_position_embeddings); give --max-length {positions} or less.")
+
+
+def sharded_launch() -> bool:
+    """Whether `accelerate launch` was told to shard the model (FSDP or DeepSpeed). The init runs
+    before the Trainer shards anything, on the whole model in each process: in sketch mode, which
+    needs no weight gradient, its memory stays near that of the weights."""
+    return any(os.environ.get(var, "").lower() == "true" for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def base_model_name_of(s: InitSettings) -> str | None:
+    """The base model the saved adapter names (None: PEFT's default, the folder the model came from)."""
+    return s.base_model_name or HUB_IDS.get(s.model)
+
+
+def lora_config_of(s: InitSettings, task: str) -> LoraConfig:
+    return LoraConfig(
+        r=s.rank,
+        lora_alpha=s.alpha,
+        use_rslora=s.rslora,
+        use_dora=s.dora,
+        target_modules=s.target_modules,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM" if task == CAUSAL_LM else "SEQ_CLS",
+    )
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> None:
+    """Refuse, before any work, an out folder that cannot be one or holds files (unless `overwrite`)."""
+    out = Path(out)
+    check_out_folder(out)
+    check_writable(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {str(out)!r} exists and is not empty; pass --overwrite or choose another folder.")
+
+
+def load_task_data(s: DataSettings, path: str):
+    """`(model, tokenizer, task, records, features, label2id)` for the training data at `path`;
+    `records[i]` is the record of `features[i]` (records skipped as too long are dropped from both)."""
+    task = s.task or infer_task(resolve_model_path(s.model))
+    fields = s.fields
+    records = read_records(path, task, fields)
+    label2id = None if task == CAUSAL_LM else label_mapping(records, fields)
+    model, tokenizer, task = load_model(s.model, task, num_labels=len(label2id) if label2id else None)
+    if task == CAUSAL_LM:
+        feats = causal_lm_features(records, tokenizer, s.max_length, fields, s.chat_template, s.too_long)
+    else:
+        model.config.label2id, model.config.id2label = label2id, {i: k for k, i in label2id.items()}
+        feats = classification_features(records, tokenizer, s.max_length, label2id, fields, s.too_long)
+    if feats.note and is_main_process():
+        print(f"{path}: {feats.note}", flush=True)
+    records = [records[i] for i in feats.kept]
+    return model, tokenizer, task, records, feats, label2id
+
+
+def run_init(s: InitSettings) -> dict:
+    """`lora-one init`: compute the init on `init_samples` training examples and save the step-0
+    adapter (for the original base) with its sidecar; returns the init metadata."""
+    s = dataclasses.replace(s)
+    s.check()
+    check_out_dir(s.out, s.overwrite)
+    complete_model_settings(s)
+    torch.manual_seed(s.seed)
+    model, tokenizer, task, _, feats, _ = load_task_data(s, s.data)
+    model.to(s.device)
+    batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, tokenizer.pad_token_id)
+    peft_model = get_lora_one_model(
+        model, lora_config_of(s, task), batches, variant=s.variant, gamma=s.gamma, svd=s.svd, seed=s.seed,
+        grad_mode=s.grad_mode, offload=s.offload, sketch_passes=s.sketch_passes,
+        num_samples=None,  # the batches hold exactly init_samples
+    )
+    save_adapter(peft_model, s.out, extra={"model": s.model, "data": str(s.data), "task": task},
+                 base_model_name=base_model_name_of(s))
+    return peft_model.lora_one_metadata
+
+
+def run_eval(s: EvalSettings) -> dict:
+    """`lora-one eval`: the held-out loss and task metric of the base model, with the adapter if one
+    is given; written to `s.out` (default ADAPTER/eval.json) atomically."""
+    s.check()
+    out = Path(s.out) if s.out else (Path(s.adapter) / "eval.json" if s.adapter else None)
+    if out is not None:  # before the evaluation, which may be long
+        if out.is_dir():
+            raise UsageError(f"--out {str(out)!r} is a folder; give the path of a JSON file.")
+        check_writable(out)
+    s = dataclasses.replace(s)
+    complete_model_settings(s)
+    model, tokenizer, task, meta = load_for_eval(s.model, s.adapter, s.task, resolve_device(s.device))
+    fields = s.fields
+    records = read_records(s.data, task, fields)
+    chat_template = s.chat_template or bool(meta.get("chat_template"))
+    choices = None
+    if task == CAUSAL_LM:
+        choices = (parse_choices(s.choices) if s.choices
+                   else meta.get("choices") or infer_choices([str(r[fields.response]) for r in records]))
+    evaluator = make_evaluator(task, records, tokenizer, fields, s.max_length, chat_template, choices,
+                               meta.get("label2id"), s.batch_size, progress=True, too_long=s.too_long)
+    if evaluator.note:
+        print(f"{s.data}: {evaluator.note}", flush=True)
+    model.eval()
+    results = {"model": s.model, "adapter": s.adapter, "data": str(s.data), "task": task,
+               "metric": evaluator.metric, **evaluator(model)}
+    if out is not None:
+        write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+        results["written_to"] = str(out)
+    return results

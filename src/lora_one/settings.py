@@ -1,0 +1,205 @@
+"""The settings of a run, as data: one dataclass per command, each field with its default and help.
+
+The command line builds its flags from these fields (`lora_one.cli.args`), a `--config` YAML file
+fills them by name, and Python callers construct them directly:
+
+    run_finetune(FinetuneSettings(model="smollm2-135m", data="trec", out="runs/x", max_steps=40))
+
+`check()` refuses bad values before anything is loaded, with one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from lora_one.data import TOO_LONG, Fields
+from lora_one.errors import UsageError
+from lora_one.gradients import MODES
+from lora_one.models import TASKS
+from lora_one.optim import DEFAULT_REG
+from lora_one.parallel import resolve_device
+from lora_one.spectral import VARIANTS
+
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+REPORT_TO = ("none", "tensorboard", "wandb")
+HEAD_INITS = ("random", "probe")
+SVDS = ("randomized", "exact")
+
+
+def setting(default, help: str, choices=None, flag: str | None = None):
+    """A field with its help text (and choices, and a flag name other than `--field-name`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def required(help: str):
+    return field(metadata={"help": help, "required": True})
+
+
+@dataclass(kw_only=True)
+class DataSettings:
+    """Model and data (`init`, `finetune` and `eval`)."""
+
+    model: str = required("alias (smollm2-135m, minilm-l6) or a local HF folder")
+    data: str = required("training data: JSON Lines, a JSON array or CSV (UTF-8), or an embedded set (trec, sentiment)")
+    task: str | None = setting(None, "default: causal-lm for *ForCausalLM models, else classification", TASKS)
+    max_length: int | None = setting(None, "tokens per example (default: 256, or the model's positions if fewer)")
+    too_long: str = setting("truncate", "a longer record: truncate (causal LM: the prompt's start; classification: "
+                            "the text's end), skip, or error; the count is printed", TOO_LONG)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    prompt_field: str = setting("prompt", "field of the prompt (causal LM)")
+    response_field: str = setting("response", "field of the response (causal LM)")
+    text_field: str = setting("text", "field of the text (classification)")
+    label_field: str = setting("label", "field of the label (classification)")
+    chat_template: bool = setting(False, "wrap prompts in the tokenizer's chat template")
+
+    @property
+    def fields(self) -> Fields:
+        return Fields(self.prompt_field, self.response_field, self.text_field, self.label_field)
+
+    def check(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise UsageError(f"--max-length must be >= 2, got {self.max_length}.")
+        resolve_device(self.device)
+
+
+@dataclass(kw_only=True)
+class InitSettings(DataSettings):
+    """Adapter and init (`init` and `finetune`)."""
+
+    variant: str = setting("lora-one", "adapter init", VARIANTS)
+    rank: int = setting(8, "LoRA rank r")
+    alpha: float = setting(16.0, "LoRA alpha")
+    rslora: bool = setting(True, "scale alpha/r instead of alpha/sqrt(r)", flag="--no-rslora")
+    dora: bool = setting(False, "DoRA adapters; with lora-one or spectral the magnitude starts at the norms of W + sBA "
+                         "(DoRA-One)")
+    gamma: float = setting(128.0, "init step size: the step-0 update is -G_r / (gamma sigma_1)")
+    init_samples: int = setting(8, "training examples of the one-step gradient")
+    init_batch_size: int = setting(1, "micro-batch size of the gradient pass (the gradient does not depend on it)")
+    target: str = setting("all-linear", "'all-linear' or comma-separated module names")
+    svd: str = setting("randomized", "top-r SVD of each gradient", SVDS)
+    grad_mode: str | None = setting(None, "memory mode of the gradient phase (sketch: no full gradient is ever "
+                                    "formed); default: accumulate, or sketch when accelerate shards the model (FSDP, "
+                                    "DeepSpeed)", MODES)
+    offload: bool = setting(False, "keep accumulate mode's fp32 accumulators on CPU")
+    sketch_passes: int | None = setting(None, "passes over the init data in sketch mode (default 2); more passes, "
+                                        "a more accurate top-r SVD (README: sketch accuracy)")
+    seed: int = setting(0, "seed of the init samples, the SVD and the training data order")
+    base_model_name: str | None = setting(None, "base model named in the saved adapter_config.json, e.g. a Hub id "
+                                          "(default: an alias's Hub id, else the --model folder)")
+    out: str = required("output folder")
+    overwrite: bool = setting(False, "replace the run (finetune) or our files (init) in --out")
+
+    @property
+    def target_modules(self):
+        return self.target if self.target == "all-linear" else [t.strip() for t in self.target.split(",") if t.strip()]
+
+    def check(self) -> None:
+        super().check()
+        problems = []
+        if self.rank < 1:
+            problems.append(f"--rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            problems.append(f"--alpha must be > 0, got {self.alpha} (a negative scale would step up the gradient)")
+        if not self.gamma > 0:
+            problems.append(f"--gamma must be > 0, got {self.gamma}")
+        if self.init_samples < 1 or self.init_batch_size < 1:
+            problems.append(f"--init-samples and --init-batch-size must be >= 1, got {self.init_samples} and "
+                            f"{self.init_batch_size}")
+        if self.sketch_passes is not None and self.sketch_passes < 1:
+            problems.append(f"--sketch-passes must be >= 1, got {self.sketch_passes}")
+        if not self.target.replace(",", "").strip():
+            problems.append(f"--target {self.target!r} names no module; give all-linear or comma-separated module names")
+        if problems:
+            raise UsageError("; ".join(problems) + ".")
+
+
+@dataclass(kw_only=True)
+class FinetuneSettings(InitSettings):
+    """Training, evaluation and output (`finetune`: training with `transformers.Trainer`)."""
+
+    precondition: bool = setting(False, "Riemannian (scaled) AdamW")
+    prec_reg: float = setting(DEFAULT_REG, "damping of the preconditioner")
+    lora_plus_ratio: float = setting(1.0, "LoRA+: lr of lora_B = ratio * lr")
+    head_init: str = setting("random", "classification head: keep the fresh random head, or fit a linear probe on "
+                             "frozen features before the init (docs/demo.md says what each gave)", HEAD_INITS)
+    probe_samples: int = setting(2000, "training examples for the linear probe")
+    probe_l2: float = setting(1e-4, "L2 penalty of the linear probe")
+    lr: float = setting(2e-4, "learning rate")
+    schedule: str = setting("linear", "learning-rate schedule", SCHEDULES)
+    warmup_steps: int = setting(0, "warm-up steps; overrides --warmup-ratio when > 0")
+    warmup_ratio: float = setting(0.03, "warm-up as a fraction of the steps")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    batch_size: int = setting(8, "examples per micro-batch, over all processes")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    epochs: float = setting(1.0, "passes over the training data")
+    max_steps: int = setting(0, "optimizer steps; overrides --epochs when > 0")
+    max_grad_norm: float = setting(1.0, "gradient clipping; 0 disables it")
+    bf16: bool = setting(False, "bfloat16 mixed precision")
+    fp16: bool = setting(False, "float16 mixed precision (CUDA only)")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, slower")
+    report_to: str = setting("none", "also log to TensorBoard (in OUT/runs) or Weights & Biases", REPORT_TO)
+    push_to_hub: bool = setting(False, "upload the finished adapter to the Hugging Face Hub (online, logged in)")
+    hub_model_id: str | None = setting(None, "Hub repository for --push-to-hub (default: the --out folder's name)")
+    eval_data: str | None = setting(None, "held-out data (default for embedded data: its :val split)")
+    eval_split: float | None = setting(None, "hold out this fraction of --data instead")
+    choices: str | None = setting(None, "comma-separated closed label set of a causal LM (default: inferred)")
+    eval_every: int = setting(0, "steps between evaluations (0: step 0 and the end only)")
+    eval_batch_size: int = setting(16, "examples per evaluation batch")
+    save_every: int = setting(100, "steps between checkpoints (0: none but on interruption)")
+    resume: bool = setting(False, "continue the run in --out from its last checkpoint")
+    quiet: bool = setting(False, "no progress bars")
+
+    def check(self) -> None:
+        super().check()
+        problems = []
+        if not 0 < self.lr < 1:
+            problems.append(f"--lr (the learning rate) must lie in (0, 1), got {self.lr}")
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "probe_samples"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "max_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and not self.epochs > 0:
+            problems.append(f"--epochs must be > 0 (or give --max-steps), got {self.epochs}")
+        if self.max_steps and self.warmup_steps >= self.max_steps:
+            problems.append(f"{self.warmup_steps} warm-up steps leave nothing of the {self.max_steps} training steps")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        for name in ("weight_decay", "max_grad_norm", "prec_reg", "probe_l2"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lora_plus_ratio > 0:
+            problems.append(f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}")
+        if self.bf16 and self.fp16:
+            problems.append("give --bf16 or --fp16, not both")
+        if self.eval_split is not None and not 0 < self.eval_split < 1:
+            problems.append(f"--eval-split must lie in (0, 1), got {self.eval_split}")
+        if self.eval_split is not None and self.eval_data:
+            problems.append("give --eval-data or --eval-split, not both")
+        if self.resume and self.overwrite:
+            problems.append("--resume continues the run in --out, --overwrite replaces it: choose one")
+        if problems:
+            raise UsageError("; ".join(problems) + ".")
+
+
+@dataclass(kw_only=True)
+class EvalSettings(DataSettings):
+    """Evaluation (`eval`: a base model, with an adapter or without, on held-out data)."""
+
+    adapter: str | None = setting(None, "adapter folder (from finetune); without it, the base model is evaluated")
+    choices: str | None = setting(None, "comma-separated closed label set for a causal LM (default: the run's, "
+                                  "or inferred from the responses)")
+    batch_size: int = setting(16, "examples per batch")
+    out: str | None = setting(None, "JSON file for the results (default: ADAPTER/eval.json, or print only)")
+
+    def check(self) -> None:
+        super().check()
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}.")
+
+
+def as_dict(settings) -> dict:
+    """The settings as `args.json` records them (and `--config` reads them back)."""
+    return dataclasses.asdict(settings)

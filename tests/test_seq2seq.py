@@ -10,6 +10,7 @@ against per-example cross-entropies, the saved and the merged model against the 
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -213,6 +214,47 @@ def test_saved_and_merged_models_compute_what_the_adapter_does(adapter, t5_dir, 
         torch.testing.assert_close(loaded(**adapter["batch"]).logits, expected)
         merged = AutoModelForSeq2SeqLM.from_pretrained(merge_adapter(str(t5_dir), adapter["out"], tmp_path / "m")).eval()
         torch.testing.assert_close(merged(**adapter["batch"]).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def token_loss(outputs, labels, num_items_in_batch=None):
+    """The summed token cross-entropy over the label tokens of the whole optimizer step."""
+    total = F.cross_entropy(outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / (num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE_INDEX).sum())
+
+
+def test_decoder_inputs_for_a_loss_outside_the_model(t5_dir, tok, tmp_path):
+    """T5's own loss is the mean over its micro-batch and ignores the Trainer's `num_items_in_batch`:
+    with `collate(..., decoder_start_id)` and a token-summed `compute_loss_func`, 2 accumulated
+    micro-batches of 2 step exactly as one batch of 4 (plain SGD, lr 1, no dropout)."""
+    model = fresh(t5_dir)
+    feats = seq2seq_features(RECORDS[:4], tok, 64)
+    start = model.config.decoder_start_token_id
+    batch = collate(feats, tok.pad_token_id, decoder_start_id=start)
+    with torch.no_grad():
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        given = model(**{k: v for k, v in batch.items() if k != "labels"})
+    torch.testing.assert_close(given.logits, own.logits)
+
+    def step(batch_size, accumulate):
+        base = AutoModelForSeq2SeqLM.from_pretrained(t5_dir, dropout_rate=0.0)
+        torch.manual_seed(0)
+        peft_model = get_peft_model(base, lora_config())
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)  # so that lora_A takes a gradient too
+        before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        args = TrainingArguments(str(tmp_path / f"{batch_size}"), per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulate, max_steps=1, learning_rate=1.0, optim="sgd",
+                                 lr_scheduler_type="constant", max_grad_norm=0, use_cpu=True, report_to=[],
+                                 save_strategy="no", disable_tqdm=True, seed=0)
+        Trainer(model=peft_model, args=args, train_dataset=feats, compute_loss_func=token_loss,
+                data_collator=partial(collate, pad_id=tok.pad_token_id, decoder_start_id=start)).train()
+        return torch.cat([(before[n] - p.detach()).flatten() for n, p in peft_model.named_parameters()
+                          if p.requires_grad])
+
+    whole, accumulated = step(4, 1), step(2, 2)
+    assert float((accumulated - whole).norm() / whole.norm()) < 1e-5
 
 
 class _Phase(TrainerCallback):

@@ -540,9 +540,14 @@ def loss_terms(feature: dict) -> int:
     return sum(t != IGNORE_INDEX for t in labels[1:]) if isinstance(labels, list) else 1
 
 
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(features: list[dict], pad_id: int, decoder_start_id: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad `input_ids` with `pad_id` and mask the padding; right-pad token `labels` with -100 to
-    their own width (a seq2seq decoder's targets are as long as they are, not as the encoder's input)."""
+    their own width (a seq2seq decoder's targets are as long as they are, not as the encoder's input).
+
+    With `decoder_start_id` (an encoder-decoder's `config.decoder_start_token_id`), also the
+    `decoder_input_ids` the model would make from the labels: them shifted right behind the start
+    token, -100 as `pad_id`. A loss computed outside the model (a Trainer's `compute_loss_func`, for
+    which the Trainer keeps the labels from the model) then sees the same decoder."""
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -554,7 +559,11 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full((len(features), max(len(f["labels"]) for f in features)), IGNORE_INDEX)
     for i, f in enumerate(features):
         labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if decoder_start_id is not None:
+        shifted = torch.cat([torch.full((len(features), 1), decoder_start_id), labels[:, :-1]], 1)
+        batch["decoder_input_ids"] = shifted.masked_fill(shifted == IGNORE_INDEX, pad_id)
+    return batch
 
 
 def init_sample_indices(n_records: int, n: int, seed: int) -> list[int]:

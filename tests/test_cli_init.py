@@ -69,7 +69,8 @@ def test_same_seed_same_adapter_from_cli(tiny_llama_dir, tmp_path):
         (lambda d: {"--data": write_jsonl(d / "empty.jsonl", [])}, "holds no records"),
         (lambda d: {"--data": write_jsonl(d / "bad.jsonl", [{"question": "x", "answer": "y"}])},
          r"lacks field\(s\) \['prompt', 'response'\]"),
-        (lambda d: {"--data": write_text(d / "t.parquet", "PAR1")}, "Cannot read"),
+        (lambda d: {"--data": write_text(d / "t.parquet", "PAR1")}, "Cannot read"),  # a damaged Parquet file
+        (lambda d: {"--data": write_text(d / "t.txt", "prompt: a")}, ".txt"),
         (lambda d: {"--data": write_text(d / "broken.jsonl", '{"prompt": "a",\n')}, "Cannot parse"),
         (lambda d: {"--rank": "100"}, "larger than the smallest dimension"),
         (lambda d: {"--init-samples": "50"}, "exceeds the 10 training records"),

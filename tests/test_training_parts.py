@@ -12,7 +12,7 @@ from tiny_models import TYPES, one_thread, question_records, tiny_bert, tiny_lla
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_one.cli.args import add_settings, settings_from
-from lora_one.data import collate, loss_terms, prompt_ids, response_ids
+from lora_one.data import prompt_ids, response_ids
 from lora_one.errors import UsageError
 from lora_one.evaluate import infer_choices, match_choices, score_candidates
 from lora_one.optim import create_optimizer
@@ -87,17 +87,6 @@ def test_settings_from_flags_then_config_then_defaults(tmp_path):
             _parse(["--config", str(cfg)])
     with pytest.raises(UsageError, match="--model"):
         _parse([])
-
-
-def test_loss_terms_count_what_the_model_loss_averages(llama):
-    model, _ = llama
-    feats = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
-             {"input_ids": [9, 10, 11], "labels": [9, -100, 11]}]  # the first label is never predicted
-    assert [loss_terms(f) for f in feats] == [2, 1] and loss_terms({"input_ids": [1], "labels": 2}) == 1
-    with torch.no_grad():
-        mean = model(**collate(feats, pad_id=0)).loss
-        sums = [model(**collate([f], pad_id=0)).loss * loss_terms(f) for f in feats]
-    torch.testing.assert_close(mean, sum(sums) / 3)
 
 
 def test_lora_plus_and_preconditioned_optimizer(llama):

@@ -533,13 +533,6 @@ def prepare(records, tokenizer, task: str, fields: Fields = DEFAULT_FIELDS, max_
     return causal_lm_features(records, tokenizer, max_length, fields, chat_template, too_long)
 
 
-def loss_terms(feature: dict) -> int:
-    """How many terms the model's mean loss averages over for this example: its predicted tokens (a
-    causal LM predicts token t + 1 from token t, so the first label never counts), or one class label."""
-    labels = feature["labels"]
-    return sum(t != IGNORE_INDEX for t in labels[1:]) if isinstance(labels, list) else 1
-
-
 def collate(features: list[dict], pad_id: int, decoder_start_id: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad `input_ids` with `pad_id` and mask the padding; right-pad token `labels` with -100 to
     their own width (a seq2seq decoder's targets are as long as they are, not as the encoder's input).

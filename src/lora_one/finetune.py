@@ -39,19 +39,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import safe_globals
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lora_one import embedded_data
 from lora_one.data import collate, init_batches, init_sample_indices, read_records
 from lora_one.errors import UsageError
-from lora_one.evaluate import infer_choices, make_evaluator, parse_choices
+from lora_one.evaluate import choices_of, make_evaluator
 from lora_one.files import ADAPTER, check_out_folder, check_writable, remove_ours, replacing, write_text_atomic
 from lora_one.hub import check_hub_access, push_adapter
 from lora_one.init import get_lora_one_model, lora_one_state, restore_lora_one
-from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, resolve_model_path
+from lora_one.models import CLASSIFICATION, SEQ2SEQ, infer_task, resolve_model_path
 from lora_one.optim import create_optimizer
 from lora_one.parallel import all_reduce_sum, is_main_process, process_index
 from lora_one.plots import plot_loss
@@ -108,10 +109,14 @@ def _complete_defaults(s: FinetuneSettings) -> None:
     complete_model_settings(s)
 
 
+def step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
+
+
 def completed_checkpoint(out: Path) -> Path | None:
     """The newest checkpoint the Trainer finished writing (its trainer_state.json comes last)."""
     done = [p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / TRAINER_STATE_NAME).is_file()]
-    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+    return max(done, key=step_of, default=None)
 
 
 def _check_out_dir(out: Path, s: FinetuneSettings) -> None:
@@ -236,6 +241,14 @@ def _class_loss(outputs, labels, num_items_in_batch=None):
     return loss / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
 
 
+def _decoder_loss(outputs, labels, num_items_in_batch=None):
+    """An encoder-decoder's token loss summed over the micro-batch and divided by the label tokens of the
+    whole step: T5's and BART's own loss is their micro-batch's mean whatever `num_items_in_batch` says,
+    which the Trainer would take as already weighted (2 accumulated micro-batches: a twice too large step)."""
+    loss = F.cross_entropy(outputs.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
+
+
 class RunLog(TrainerCallback):
     """`metrics.jsonl` (one JSON line per step and per evaluation, flushed at once; cut back to the
     checkpoint's step on resume), the progress bar, the evaluation schedule (every `eval_every`
@@ -348,7 +361,7 @@ def training_arguments(s: FinetuneSettings, out: Path) -> TrainingArguments:
 
 def _check_environment(s: FinetuneSettings) -> None:
     """Refuse, before any work, what the machine cannot do for these settings."""
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
     if s.fp16 and not s.device.startswith("cuda"):
         raise UsageError(f"--fp16 needs a CUDA device, not {s.device}; use --bf16 (or neither).")
@@ -393,10 +406,7 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
     if not feats:
         raise UsageError(f"{s.data}: no training examples are left.")
     init_sample_indices(len(feats), s.init_samples, s.seed)  # too few records: refuse before writing
-    choices = None
-    if task == CAUSAL_LM:
-        responses = [str(r[fields.response]) for r in records]
-        choices = parse_choices(s.choices) if s.choices else infer_choices(responses)
+    choices = choices_of(records, task, fields, s.choices)
     evaluator = None
     if eval_records is not None:
         evaluator = make_evaluator(task, eval_records, tokenizer, fields, s.max_length, s.chat_template,
@@ -443,15 +453,22 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
               f"(probe {probe_seconds:.1f} s), {trainable:,} trainable parameters", flush=True)
 
     run_log = RunLog(out / METRICS if main else None, s.eval_every, evaluator is not None, not s.quiet,
-                     keep_until=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None)
+                     keep_until=step_of(checkpoint) if checkpoint else None)
     stop = StopOnSignal()
     trainer = _Trainer(
-        model=peft_model, args=targs, train_dataset=feats, data_collator=partial(collate, pad_id=pad_id),
+        model=peft_model, args=targs, train_dataset=feats,
+        # an encoder-decoder's decoder inputs in the batch: the Trainer keeps the labels from a model whose loss
+        # is computed outside it
+        data_collator=partial(collate, pad_id=pad_id, decoder_start_id=model.config.decoder_start_token_id
+                              if task == SEQ2SEQ else None),
         callbacks=[run_log, stop, *callbacks], evaluator=evaluator, settings=s,
-        compute_loss_func=_class_loss if task == CLASSIFICATION else None,
+        compute_loss_func={CLASSIFICATION: _class_loss, SEQ2SEQ: _decoder_loss}.get(task),
     )
     for quiet_default in (PrinterCallback, ProgressCallback):  # RunLog shows the progress instead
         trainer.remove_callback(quiet_default)
+    for cb in trainer.callback_handler.callbacks:  # its folder is set at train begin, after our step-0 eval
+        if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
+            cb.logging_dir = str(out / default_logdir())
     if checkpoint is None and evaluator is not None:
         if step0_eval is not None:
             trainer.log_metrics_at_step({f"eval_{k}": v for k, v in step0_eval.items()})
@@ -479,7 +496,7 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
 
     metrics = run_log.entries
     evals = [m for m in metrics if any(k.startswith("eval_") for k in m)]
-    steps = trainer.state.global_step - (int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0)
+    steps = trainer.state.global_step - step_of(checkpoint)
     summary = {
         "variant": s.variant,
         "precondition": s.precondition,

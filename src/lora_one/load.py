@@ -8,7 +8,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from lora_one.errors import UsageError
-from lora_one.models import CAUSAL_LM, CLASSIFICATION, infer_task, load_model, resolve_model_path
+from lora_one.models import CLASSIFICATION, PEFT_TASK_TYPES, infer_task, load_model, resolve_model_path
 from lora_one.parallel import resolve_device
 from lora_one.save import SIDECAR
 
@@ -22,8 +22,9 @@ def read_adapter_info(adapter_dir: str | Path) -> dict:
     meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     if "task" not in meta:
         task_type = json.loads((folder / "adapter_config.json").read_text()).get("task_type")
-        if task_type in ("SEQ_CLS", "CAUSAL_LM"):
-            meta["task"] = CLASSIFICATION if task_type == "SEQ_CLS" else CAUSAL_LM
+        task = {peft: ours for ours, peft in PEFT_TASK_TYPES.items()}.get(task_type)
+        if task:
+            meta["task"] = task
     return meta
 
 

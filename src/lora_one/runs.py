@@ -11,13 +11,21 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from lora_one.data import causal_lm_features, classification_features, init_batches, label_mapping, read_records
+from lora_one.data import init_batches, label_mapping, prepare, read_records
 from lora_one.errors import UsageError
-from lora_one.evaluate import infer_choices, make_evaluator, parse_choices
+from lora_one.evaluate import choices_of, make_evaluator
 from lora_one.files import check_out_folder, check_writable, write_text_atomic
 from lora_one.init import get_lora_one_model
 from lora_one.load import load_for_eval
-from lora_one.models import CAUSAL_LM, HUB_IDS, infer_task, load_model, max_positions, resolve_model_path
+from lora_one.models import (
+    CLASSIFICATION,
+    HUB_IDS,
+    PEFT_TASK_TYPES,
+    infer_task,
+    load_model,
+    max_positions,
+    resolve_model_path,
+)
 from lora_one.parallel import is_main_process, resolve_device
 from lora_one.save import save_adapter
 from lora_one.settings import DataSettings, EvalSettings, InitSettings
@@ -63,7 +71,7 @@ def lora_config_of(s: InitSettings, task: str) -> LoraConfig:
         use_dora=s.dora,
         target_modules=s.target_modules,
         lora_dropout=0.0,
-        task_type="CAUSAL_LM" if task == CAUSAL_LM else "SEQ_CLS",
+        task_type=PEFT_TASK_TYPES[task],
     )
 
 
@@ -82,13 +90,11 @@ def load_task_data(s: DataSettings, path: str):
     task = s.task or infer_task(resolve_model_path(s.model))
     fields = s.fields
     records = read_records(path, task, fields)
-    label2id = None if task == CAUSAL_LM else label_mapping(records, fields)
+    label2id = label_mapping(records, fields) if task == CLASSIFICATION else None
     model, tokenizer, task = load_model(s.model, task, num_labels=len(label2id) if label2id else None)
-    if task == CAUSAL_LM:
-        feats = causal_lm_features(records, tokenizer, s.max_length, fields, s.chat_template, s.too_long)
-    else:
+    if label2id:
         model.config.label2id, model.config.id2label = label2id, {i: k for k, i in label2id.items()}
-        feats = classification_features(records, tokenizer, s.max_length, label2id, fields, s.too_long)
+    feats = prepare(records, tokenizer, task, fields, s.max_length, s.too_long, s.chat_template, label2id)
     if feats.note and is_main_process():
         print(f"{path}: {feats.note}", flush=True)
     records = [records[i] for i in feats.kept]
@@ -131,10 +137,7 @@ def run_eval(s: EvalSettings) -> dict:
     fields = s.fields
     records = read_records(s.data, task, fields)
     chat_template = s.chat_template or bool(meta.get("chat_template"))
-    choices = None
-    if task == CAUSAL_LM:
-        choices = (parse_choices(s.choices) if s.choices
-                   else meta.get("choices") or infer_choices([str(r[fields.response]) for r in records]))
+    choices = choices_of(records, task, fields, s.choices, meta.get("choices"))
     evaluator = make_evaluator(task, records, tokenizer, fields, s.max_length, chat_template, choices,
                                meta.get("label2id"), s.batch_size, progress=True, too_long=s.too_long)
     if evaluator.note:

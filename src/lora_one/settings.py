@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from lora_one.data import TOO_LONG, Fields
+from lora_one.data import FORMATS, TOO_LONG, Fields
 from lora_one.errors import UsageError
 from lora_one.gradients import MODES
 from lora_one.models import TASKS
@@ -41,21 +41,30 @@ class DataSettings:
     """Model and data (`init`, `finetune` and `eval`)."""
 
     model: str = required("alias (smollm2-135m, minilm-l6) or a local HF folder")
-    data: str = required("training data: JSON Lines, a JSON array or CSV (UTF-8), or an embedded set (trec, sentiment)")
-    task: str | None = setting(None, "default: causal-lm for *ForCausalLM models, else classification", TASKS)
+    data: str = required("training data: a .jsonl, .json, .csv/.tsv (UTF-8) or .parquet file, a Hub data set "
+                         "hub:NAME[:CONFIG][@SPLIT] (online), or an embedded set (trec, sentiment)")
+    task: str | None = setting(None, "default: causal-lm for *ForCausalLM models, seq2seq for *ForConditionalGeneration "
+                               "encoder-decoders (T5, BART), else classification", TASKS)
+    format: str | None = setting(None, "record format (default: detected from the fields): prompt-response (or TRL's "
+                                 "prompt/completion), messages (a chat, the loss on the assistant turns), text (plain "
+                                 "language modelling), text-label (classification)", FORMATS)
     max_length: int | None = setting(None, "tokens per example (default: 256, or the model's positions if fewer)")
-    too_long: str = setting("truncate", "a longer record: truncate (causal LM: the prompt's start; classification: "
-                            "the text's end), skip, or error; the count is printed", TOO_LONG)
+    too_long: str = setting("truncate", "a longer record: truncate (a causal-LM prompt or conversation: its start; a "
+                            "seq2seq prompt or response, a plain or classification text: its end), skip, or error; the "
+                            "count is printed", TOO_LONG)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
-    prompt_field: str = setting("prompt", "field of the prompt (causal LM)")
-    response_field: str = setting("response", "field of the response (causal LM)")
-    text_field: str = setting("text", "field of the text (classification)")
-    label_field: str = setting("label", "field of the label (classification)")
+    prompt_field: str = setting("prompt", "field of the prompt (prompt-response)")
+    response_field: str = setting("response", "field of the response (prompt-response; records with TRL's "
+                                  "'completion' need no flag)")
+    text_field: str = setting("text", "field of the text (text, text-label)")
+    label_field: str = setting("label", "field of the label (text-label)")
+    messages_field: str = setting("messages", "field of the conversation, a list of {role, content} (messages)")
     chat_template: bool = setting(False, "wrap prompts in the tokenizer's chat template")
 
     @property
     def fields(self) -> Fields:
-        return Fields(self.prompt_field, self.response_field, self.text_field, self.label_field)
+        return Fields(self.prompt_field, self.response_field, self.text_field, self.label_field, self.messages_field,
+                      self.format)
 
     def check(self) -> None:
         if self.max_length is not None and self.max_length < 2:
@@ -143,7 +152,8 @@ class FinetuneSettings(InitSettings):
     hub_model_id: str | None = setting(None, "Hub repository for --push-to-hub (default: the --out folder's name)")
     eval_data: str | None = setting(None, "held-out data (default for embedded data: its :val split)")
     eval_split: float | None = setting(None, "hold out this fraction of --data instead")
-    choices: str | None = setting(None, "comma-separated closed label set of a causal LM (default: inferred)")
+    choices: str | None = setting(None, "comma-separated closed label set of prompt-response records (default: "
+                                  "inferred)")
     eval_every: int = setting(0, "steps between evaluations (0: step 0 and the end only)")
     eval_batch_size: int = setting(16, "examples per evaluation batch")
     save_every: int = setting(100, "steps between checkpoints (0: none but on interruption)")
@@ -189,8 +199,8 @@ class EvalSettings(DataSettings):
     """Evaluation (`eval`: a base model, with an adapter or without, on held-out data)."""
 
     adapter: str | None = setting(None, "adapter folder (from finetune); without it, the base model is evaluated")
-    choices: str | None = setting(None, "comma-separated closed label set for a causal LM (default: the run's, "
-                                  "or inferred from the responses)")
+    choices: str | None = setting(None, "comma-separated closed label set of prompt-response records (default: the "
+                                  "run's, or inferred from the responses)")
     batch_size: int = setting(16, "examples per batch")
     out: str | None = setting(None, "JSON file for the results (default: ADAPTER/eval.json, or print only)")
 

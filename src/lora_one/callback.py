@@ -16,9 +16,11 @@ keeps the factors the Trainer restored.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 import weakref
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,9 +33,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lora_one.errors import UsageError
 from lora_one.files import write_text_atomic
+from lora_one.gradcache import GradientCache
 from lora_one.gradients import estimate_gradients
 from lora_one.gradients import init_samples as take_init_samples
-from lora_one.init import NEEDS_GRADIENT, check_variant, init_lora_one, init_metadata, warn_without_rslora
+from lora_one.init import (
+    NEEDS_GRADIENT,
+    check_variant,
+    gamma_grid,
+    init_metadata,
+    initialise_adapter,
+    warn_without_rslora,
+)
 from lora_one.parallel import is_main_process
 from lora_one.save import SIDECAR, sidecar_text
 from lora_one.spectral import BASE_CHANGING_VARIANTS
@@ -62,10 +72,12 @@ class LoraOneCallback(TrainerCallback, ExportableState):
     beside every adapter the Trainer saves.
 
     Args mirror `get_lora_one_model` and the command line: `init_samples` (N, over all processes),
-    `variant` (`lora-one`, `spectral` or `lora`), `gamma`, `grad_mode` (`accumulate`, `single-batch`,
-    `sketch`), `sketch_passes`, `seed`, `svd`; `estimate_gradients` and `init_lora_one` check them when
-    training starts. The base-changing variants are refused here: a Trainer saves only the adapter, not
-    the rewritten base weights they need. Guide: docs/trainer.md.
+    `variant` (`lora-one`, `spectral` or `lora`), `gamma` (a number, `"auto"` or a list: the line search
+    of `search_gamma` on the drawn samples), `grad_mode` (`accumulate`, `single-batch`, `sketch`),
+    `sketch_passes`, `seed`, `svd`, `cache_dir` (the gradient cache, `lora_one.gradcache`; not with
+    `bind`); `estimate_gradients` and `init_lora_one` check them when training starts. The
+    base-changing variants are refused here: a Trainer saves only the adapter, not the rewritten base
+    weights they need. Guide: docs/trainer.md.
 
     The gradient is that of the model's own `.loss` on the drawn batches. For a Trainer whose loss is
     not the model's (a `compute_loss` override, `compute_loss_func`, label smoothing, TRL's `dft`
@@ -80,13 +92,15 @@ class LoraOneCallback(TrainerCallback, ExportableState):
         self,
         init_samples: int = 8,
         variant: str = "lora-one",
-        gamma: float = 128.0,
+        gamma: float | str | Sequence[float] = 128.0,
         grad_mode: str = "accumulate",
         sketch_passes: int | None = None,
         seed: int = 0,
         svd: str = "randomized",
+        cache_dir: str | os.PathLike | None = None,
     ):
         check_variant(variant)
+        gamma_grid(gamma, variant)
         if variant in BASE_CHANGING_VARIANTS:
             raise UsageError(
                 f"variant={variant!r} rewrites the base weights, which a Trainer's checkpoints and save_model() "
@@ -94,6 +108,7 @@ class LoraOneCallback(TrainerCallback, ExportableState):
             )
         self.init_samples, self.variant, self.gamma = init_samples, variant, gamma
         self.grad_mode, self.sketch_passes, self.seed, self.svd = grad_mode, sketch_passes, seed, svd
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
         self.metadata: dict | None = None  # what the sidecar records; kept in checkpoints' trainer_state.json
         self._trainer = None
         self._initialised = None  # a weak reference to the model the init wrote
@@ -107,7 +122,7 @@ class LoraOneCallback(TrainerCallback, ExportableState):
         return {
             "args": {"init_samples": self.init_samples, "variant": self.variant, "gamma": self.gamma,
                      "grad_mode": self.grad_mode, "sketch_passes": self.sketch_passes, "seed": self.seed,
-                     "svd": self.svd},
+                     "svd": self.svd, "cache_dir": self.cache_dir},
             "attributes": {"metadata": self.metadata},
         }
 
@@ -129,6 +144,7 @@ class LoraOneCallback(TrainerCallback, ExportableState):
         warn_without_rslora(self.variant, model.peft_config[adapter].use_rslora)
         device = next(model.parameters()).device
         t0 = time.perf_counter()
+        cache = GradientCache(self.cache_dir) if self.cache_dir is not None else None
         with _rng_untouched(device):
             batches, gradients = [], None
             if self.variant in NEEDS_GRADIENT:
@@ -137,15 +153,17 @@ class LoraOneCallback(TrainerCallback, ExportableState):
                 gradients = estimate_gradients(
                     model, batches, progress=not args.disable_tqdm, mode=self.grad_mode,
                     rank=max(layer.r[adapter] for layer in lora_layers(model).values()), seed=self.seed,
-                    passes=self.sketch_passes, num_samples=None, train_step=self._train_step(),
+                    passes=self.sketch_passes, num_samples=None, train_step=self._train_step(), cache_dir=cache,
                 )
             t1 = time.perf_counter()
-            stats = init_lora_one(model, gradients, self.variant, self.gamma, self.svd, self.seed, adapter)
+            stats, gamma, search = initialise_adapter(model, gradients, self.variant, self.gamma, self.svd,
+                                                      self.seed, adapter, batches, self._train_step())
         t2 = time.perf_counter()
         self._initialised = weakref.ref(model)
         self.metadata = {
-            **init_metadata(self.variant, self.gamma, self.svd, self.grad_mode, self.sketch_passes, self.seed,
-                            batches, device, t1 - t0, t2 - t1, stats),
+            **init_metadata(self.variant, gamma, self.svd, self.grad_mode, self.sketch_passes, self.seed,
+                            batches, device, t1 - t0, t2 - t1 - (search["seconds"] if search else 0.0), stats,
+                            gamma_search=search, gradient_cache=cache.last if cache else None),
             "loss": f"{type(self._trainer).__name__}.compute_loss" if self._trainer else "model(**batch).loss",
         }
 

@@ -39,6 +39,7 @@ few samples) is raised on every rank with the same message before the next colle
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 
@@ -49,6 +50,7 @@ from transformers import PreTrainedConfig
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 from lora_one.errors import UsageError
+from lora_one.gradcache import GradientCache, key_fields
 from lora_one.parallel import all_reduce_sum, is_main_process, raise_together, world_size
 from lora_one.parallel import process_index as process_rank
 from lora_one.sketch import GradientSketch, default_sizes, test_matrix
@@ -348,7 +350,8 @@ def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _loss(model: nn.Module, batch: Mapping, i: int, device, train_step: TrainStep | None) -> torch.Tensor:
+def _batch_loss(model: nn.Module, batch: Mapping, i: int, device, train_step: TrainStep | None) -> torch.Tensor:
+    """The batch's mean loss (finite or not)."""
     batch = _to_device(batch, device)
     if train_step is None:
         loss = model(**batch).loss
@@ -361,9 +364,38 @@ def _loss(model: nn.Module, batch: Mapping, i: int, device, train_step: TrainSte
                 f"train_step returned {type(loss).__name__} {getattr(loss, 'shape', '')} for batch {i}; it "
                 "must return the batch's mean loss as a scalar tensor."
             )
+    return loss
+
+
+def _loss(model: nn.Module, batch: Mapping, i: int, device, train_step: TrainStep | None) -> torch.Tensor:
+    loss = _batch_loss(model, batch, i, device, train_step)
     if not torch.isfinite(loss):
         raise UsageError(f"The loss of batch {i} is {loss.item()}; check the data and labels.")
     return loss
+
+
+@torch.no_grad()
+def loss_sum(model: nn.Module, samples: list[Mapping], train_step: TrainStep | None = None) -> tuple[float, int]:
+    """This rank's part of the loss `estimate_gradients` differentiates: the sum over `samples` of each
+    batch's mean loss times its number of loss terms, and the number of those terms (summed over the
+    ranks, their quotient is the mean over all loss terms). In eval mode, so no dropout of any kind;
+    every module's mode is restored afterwards. A non-finite loss is returned as it is, for the caller
+    to judge (a line search counts it as the worst)."""
+    device = next(model.parameters()).device
+    shifted = _shifts_labels(model)
+    modes = {m: m.training for m in model.modules()}
+    total, count = 0.0, 0
+    try:
+        model.eval()
+        for i, batch in enumerate(samples):
+            terms = _loss_terms(batch, shifted, train_step)
+            if terms:  # a batch without loss terms adds nothing (and its mean loss is 0 / 0)
+                total += float(_batch_loss(model, batch, i, device, train_step)) * terms
+                count += terms
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return total, count
 
 
 def _backward_pass(model, samples, scales, collector, device, bar, train_step) -> None:
@@ -410,6 +442,7 @@ def estimate_gradients(
     passes: int | None = None,
     num_samples: int | None = DEFAULT_NUM_SAMPLES,
     train_step: TrainStep | None = None,
+    cache_dir: str | os.PathLike | GradientCache | None = None,
 ) -> dict[str, torch.Tensor | TopSVD]:
     """`d L / dW` for every target `nn.Linear`, `L` the mean loss over all loss terms of the
     `num_samples` examples (of all ranks) read from `batches` (see the module docstring).
@@ -436,6 +469,10 @@ def estimate_gradients(
             the model's device), so that `G` is the gradient of your own loss. The loss is taken as the
             batch's mean over its loss terms (counted as above; one per example for a batch without
             `labels`, which is then allowed) and weighted like the model's.
+        cache_dir: a folder (or a `GradientCache`, whose `last` then says whether this call hit): the
+            result is read from there when an entry with the same key exists (the backward skipped), else
+            computed and stored (`lora_one.gradcache`: key, checks, ranks). Under `torch.distributed`
+            every rank passes the same folder. Not with `train_step`.
 
     Returns:
         `{module name: G}` (fp32, `(out, in)`) in `accumulate` mode, `{module name: TopSVD of G}`
@@ -446,6 +483,12 @@ def estimate_gradients(
     if mode != "accumulate" and not rank:
         raise UsageError(f"mode={mode!r} needs the LoRA rank (rank=r) to size its SVD.")
     passes = _resolve_passes(passes, mode)
+    if cache_dir is not None and train_step is not None:
+        raise UsageError(
+            "cache_dir with train_step: a cache entry cannot tell one loss function from another, so it could "
+            "hand back another loss's gradient; drop cache_dir (or train_step)."
+        )
+    cache = cache_dir if isinstance(cache_dir, GradientCache) or cache_dir is None else GradientCache(cache_dir)
     targets = find_target_linears(model, target_modules)
     weights = {name: module.weight for name, module in targets.items()}
     _refuse_sharded_weights(model, weights)
@@ -482,6 +525,11 @@ def estimate_gradients(
         print(f"one-step gradient: {n_examples} samples, {n_terms} loss terms, {n_batches} micro-batches{ranks}",
               flush=True)
     scales = [t / n_terms for t in terms]
+    if cache is not None:
+        fields = key_fields(model, targets, samples, mode, seed, oversample, passes)
+        cached = cache.lookup(fields, rank, targets, offload, progress)
+        if cached is not None:
+            return cached
 
     with _estimation_state(model, weights, collector_cls.weights_need_grad):
         collector = collector_cls(targets, offload=offload, rank=rank, seed=seed, oversample=oversample, model=model)
@@ -496,4 +544,7 @@ def estimate_gradients(
         finally:
             for h in collector.handles:
                 h.remove()
-        return collector.finish()
+        gradients = collector.finish()
+    if cache is not None:
+        cache.store(fields, rank, gradients)
+    return gradients

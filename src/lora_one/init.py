@@ -3,15 +3,22 @@
 The two-phase API follows PEFT's data-driven inits: `estimate_gradients` (step 1), then
 `init_lora_one` (step 2); `get_lora_one_model` does both. `lora-ga` and `pissa` run PEFT's own
 implementations behind the same front door; `lora` is PEFT's default init.
+
+`gamma="auto"` (or a list of values) chooses the step by a line search (`search_gamma`): the loss of the
+step-0 model at each gamma of a log grid, forward passes only, on the init samples; the lowest wins.
+Every factor of `lora-one` and `spectral` is `gamma**-1/2` times a matrix of the SVD alone, so one SVD
+serves the whole grid.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
+import math
+import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Real
 
 import torch
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
@@ -19,6 +26,7 @@ from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
 from lora_one.errors import UsageError
+from lora_one.gradcache import GradientCache, hash_batches
 from lora_one.gradients import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SKETCH_PASSES,
@@ -26,8 +34,9 @@ from lora_one.gradients import (
     estimate_gradients,
     examples_in,
     init_samples,
+    loss_sum,
 )
-from lora_one.parallel import all_reduce_sum, world_size
+from lora_one.parallel import all_reduce_sum, raise_together, world_size
 from lora_one.save import guard_original_base
 from lora_one.spectral import (
     BASE_CHANGING_VARIANTS,
@@ -36,6 +45,7 @@ from lora_one.spectral import (
     TopSVD,
     check_rank,
     lora_factors_and_spectrum,
+    top_svd,
 )
 from lora_one.targets import find_target_linears, lora_layers
 
@@ -48,6 +58,9 @@ NORMALISATION = {
     "pissa": "PEFT pissa",
     "lora": "PEFT default",
 }
+# The variants whose step-0 model moves with gamma, so that a loss can choose it.
+GAMMA_SEARCH_VARIANTS = ("lora-one", "spectral")
+DEFAULT_GAMMA_GRID = tuple(2.0**k for k in range(3, 14))  # 8, 16, ..., 8192; factor 2 apart; holds 128
 
 
 def check_variant(variant: str) -> None:
@@ -118,25 +131,13 @@ def init_lora_one(
     variants) and the relative update `||s B A||_F / ||W||_F`.
     """
     check_variant(variant)
+    if gamma_grid(gamma, variant) is not None:
+        raise UsageError(
+            f"init_lora_one takes one gamma, not {gamma!r}: get_lora_one_model searches it for you, or pass "
+            "search_gamma(...)['chosen']."
+        )
     adapter = adapter_name or peft_model.active_adapter
-    layers = lora_layers(peft_model)
-    if not layers:
-        raise UsageError("The model has no LoRA layers; wrap it with peft.get_peft_model first.")
-    grads = {_normalise_name(k): v for k, v in (gradients or {}).items()}
-    for name, layer in layers.items():  # validate everything before touching any weight
-        check_rank((layer.out_features, layer.in_features), layer.r[adapter], f"layer {name!r}")
-        if variant in NEEDS_GRADIENT and name not in grads:
-            raise UsageError(
-                f"No gradient for LoRA layer {name!r}; estimate_gradients must cover the same "
-                "target_modules as the LoRA config."
-            )
-        if variant == "lora-ga" and not isinstance(grads[name], torch.Tensor):
-            raise UsageError(
-                "lora-ga runs PEFT's own implementation, which needs the full gradient; estimate it "
-                "with mode='accumulate'."
-            )
-    if not gamma > 0:
-        raise UsageError(f"gamma must be positive, got {gamma}.")
+    layers, grads = _checked_gradients(peft_model, gradients, variant, adapter)
 
     stats = []
     with torch.random.fork_rng(devices=[]):  # PEFT's lora-ga and lora inits draw from the global RNG
@@ -173,6 +174,149 @@ def init_lora_one(
             )
     _keep_initial_state(peft_model, adapter, variant)
     return stats
+
+
+def _checked_gradients(peft_model: PeftModel, gradients, variant: str, adapter: str) -> tuple[dict, dict]:
+    """`(LoRA layers, gradients by layer name)`, everything checked before any weight is touched."""
+    layers = lora_layers(peft_model)
+    if not layers:
+        raise UsageError("The model has no LoRA layers; wrap it with peft.get_peft_model first.")
+    grads = {_normalise_name(k): v for k, v in (gradients or {}).items()}
+    for name, layer in layers.items():
+        check_rank((layer.out_features, layer.in_features), layer.r[adapter], f"layer {name!r}")
+        if variant in NEEDS_GRADIENT and name not in grads:
+            raise UsageError(
+                f"No gradient for LoRA layer {name!r}; estimate_gradients must cover the same "
+                "target_modules as the LoRA config."
+            )
+        if variant == "lora-ga" and not isinstance(grads[name], torch.Tensor):
+            raise UsageError(
+                "lora-ga runs PEFT's own implementation, which needs the full gradient; estimate it "
+                "with mode='accumulate'."
+            )
+    return layers, grads
+
+
+def gamma_grid(gamma, variant: str) -> tuple[float, ...] | None:
+    """The grid that `gamma` asks to search (`"auto"`: `DEFAULT_GAMMA_GRID`; a sequence: its values,
+    sorted), or None for one number; checked, and refused for a variant whose step-0 model does not
+    depend on gamma."""
+    if isinstance(gamma, Real) and not isinstance(gamma, bool):
+        if not (gamma > 0 and math.isfinite(gamma)):
+            raise UsageError(f"gamma must be a positive number, got {gamma}.")
+        return None
+    if isinstance(gamma, str):
+        if gamma != "auto":
+            raise UsageError(f"gamma={gamma!r}: give a positive number, 'auto' (a line search), or a list of numbers.")
+        grid = DEFAULT_GAMMA_GRID
+    elif isinstance(gamma, Sequence) and gamma and all(isinstance(g, Real) and not isinstance(g, bool) for g in gamma):
+        if not all(g > 0 and math.isfinite(g) for g in gamma):
+            raise UsageError(f"gamma={list(gamma)}: every value of a gamma grid must be a positive number.")
+        grid = tuple(sorted({float(g) for g in gamma}))
+    else:
+        raise UsageError(f"gamma={gamma!r}: give a positive number, 'auto' (a line search), or a list of numbers.")
+    if variant not in GAMMA_SEARCH_VARIANTS:
+        why = ("its step-0 model is the base model whatever gamma (the adapter is subtracted from the base "
+               "weight), so no loss can choose it" if variant in NEEDS_GRADIENT else "it takes no gamma")
+        raise UsageError(f"gamma={gamma!r} searches the step of {' and '.join(GAMMA_SEARCH_VARIANTS)}; for "
+                         f"{variant} {why}: pass a number (e.g. gamma=128).")
+    return grid
+
+
+def parse_gamma(text: str) -> float | str | tuple[float, ...]:
+    """A `--gamma` value: a number, `auto`, or numbers separated by commas (a grid to search)."""
+    text = text.strip()
+    if text == "auto":
+        return text
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--gamma {text!r}: give a positive number, auto, or numbers separated by commas "
+                         "(e.g. 32,64,128,256).") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _top_svds(layers: Mapping, grads: Mapping, svd: str, seed: int, adapter: str) -> dict[str, TopSVD]:
+    """Each layer's top-r SVD of its gradient, exactly as `lora_factors_and_spectrum` takes it from `G`
+    (a `TopSVD` passes through), so that a gamma search and the init share one SVD."""
+    return {name: g if isinstance(g, TopSVD) else top_svd(g.float(), layers[name].r[adapter], svd, seed)
+            for name, g in grads.items() if name in layers}
+
+
+@torch.no_grad()
+def search_gamma(
+    peft_model: PeftModel,
+    gradients: Mapping[str, torch.Tensor | TopSVD],
+    batches: list[Mapping],
+    variant: str = "lora-one",
+    grid: Sequence[float] | str = "auto",
+    svd: str = "randomized",
+    seed: int = 0,
+    adapter_name: str | None = None,
+    train_step: TrainStep | None = None,
+) -> dict:
+    """The line search of `gamma="auto"`: for each gamma of `grid` (`"auto"`: `DEFAULT_GAMMA_GRID`), the
+    loss of the step-0 model that `init_lora_one` would write (DoRA's magnitude reset too), on `batches`:
+    forward passes only, in eval mode, the loss `estimate_gradients` differentiates (the mean over all
+    loss terms, of all ranks; `train_step` as there). Returns `{"grid", "losses", "loss_without_step",
+    "chosen", "seconds"}`: `chosen` has the lowest loss (a non-finite loss, recorded as None, never
+    wins); `loss_without_step` is the base model's. The adapter is left as it was found. Warns when the
+    lowest loss lies at an end of the grid, or above the loss without a step."""
+    t0 = time.perf_counter()
+    grid = gamma_grid(grid, variant)
+    if grid is None:
+        raise UsageError("search_gamma needs a grid: 'auto' or a list of gamma values.")
+    adapter = adapter_name or peft_model.active_adapter
+    layers, grads = _checked_gradients(peft_model, gradients, variant, adapter)
+    svds = _top_svds(layers, grads, svd, seed, adapter)
+    params = _adapter_parameters(peft_model, adapter)
+    found = {k: v.detach().clone() for k, v in params.items()}
+    device = next(peft_model.parameters()).device
+    parts = []  # (this rank's loss sum, its loss terms) per gamma, then without a step
+    try:
+        with raise_together(device):
+            for gamma in grid:
+                for name, layer in layers.items():
+                    B, A, _ = lora_factors_and_spectrum(svds[name], layer.r[adapter], variant, gamma)
+                    layer.lora_A[adapter].weight.copy_(A.to(layer.lora_A[adapter].weight.dtype))
+                    layer.lora_B[adapter].weight.copy_(B.to(layer.lora_B[adapter].weight.dtype))
+                    if layer.use_dora.get(adapter):
+                        _reset_dora_magnitude(layer, adapter)
+                parts.append(loss_sum(peft_model, batches, train_step))
+            with peft_model.disable_adapter():
+                parts.append(loss_sum(peft_model, batches, train_step))
+    finally:
+        for k, v in found.items():
+            params[k].copy_(v)
+    sums = all_reduce_sum(torch.tensor(parts, dtype=torch.float64, device=device)).tolist()
+    if sums[0][1] == 0:
+        raise UsageError("The gamma search's samples have nothing to predict: every label is -100. Check the data.")
+    *losses, without_step = [total / count if math.isfinite(total) else None for total, count in sums]
+    finite = [(loss, g) for loss, g in zip(losses, grid) if loss is not None]
+    if not finite:
+        raise UsageError(f"Every gamma of the grid {list(grid)} gives a non-finite loss; try larger values.")
+    best, chosen = min(finite)  # ties, which only exact round-off makes, go to the smaller gamma
+    if len(grid) > 1 and chosen in (grid[0], grid[-1]):
+        side = "smallest (the largest step)" if chosen == grid[0] else "largest (the smallest step)"
+        warnings.warn(f"gamma search: the lowest loss is at the grid's {side} gamma {chosen:g}; the best gamma may "
+                      "lie beyond it: pass a grid that reaches further (gamma=[...]).", stacklevel=2)
+    if without_step is not None and best >= without_step:
+        warnings.warn(f"gamma search: no gamma of the grid lowers the loss below the model's without a step "
+                      f"({best:.4g} >= {without_step:.4g}).", stacklevel=2)
+    return {"grid": list(grid), "losses": losses, "loss_without_step": without_step, "chosen": chosen,
+            "seconds": round(time.perf_counter() - t0, 4)}
+
+
+def initialise_adapter(peft_model: PeftModel, gradients, variant: str, gamma, svd: str, seed: int, adapter: str,
+                batches: list[Mapping], train_step: TrainStep | None) -> tuple[list[dict], float, dict | None]:
+    """`init_lora_one` at `gamma`, or at the gamma `search_gamma` picks on `batches` when `gamma` asks for
+    a search (one SVD for both). Returns the layer statistics, the gamma used and the search's record."""
+    if gamma_grid(gamma, variant) is None:
+        return init_lora_one(peft_model, gradients, variant, gamma, svd, seed, adapter), gamma, None
+    layers, grads = _checked_gradients(peft_model, gradients, variant, adapter)
+    svds = _top_svds(layers, grads, svd, seed, adapter)
+    search = search_gamma(peft_model, svds, batches, variant, gamma, svd, seed, adapter, train_step)
+    return init_lora_one(peft_model, svds, variant, search["chosen"], svd, seed, adapter), search["chosen"], search
 
 
 def lora_one_state(peft_model: PeftModel) -> dict:
@@ -225,24 +369,12 @@ def _wrap(model: nn.Module, lora_config: LoraConfig, adapter_name: str, seed: in
         return get_peft_model(model, config, adapter_name=adapter_name)
 
 
-def hash_batches(batches: Iterable[Mapping]) -> str:
-    """SHA-256 of the tensors of the init batches, to record which samples made the init."""
-    h = hashlib.sha256()
-    for batch in batches:
-        for key in sorted(batch):
-            value = batch[key]
-            if isinstance(value, torch.Tensor):
-                h.update(key.encode())
-                h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def get_lora_one_model(
     model: nn.Module,
     lora_config: LoraConfig,
     batches: Iterable[Mapping] | None,
     variant: str = "lora-one",
-    gamma: float = 128.0,
+    gamma: float | str | Sequence[float] = 128.0,
     svd: str = "randomized",
     seed: int = 0,
     adapter_name: str = "default",
@@ -252,6 +384,7 @@ def get_lora_one_model(
     sketch_passes: int | None = None,
     num_samples: int | None = DEFAULT_NUM_SAMPLES,
     train_step: TrainStep | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> PeftModel:
     """Estimate the one-step gradient on `batches`, wrap `model` with PEFT, initialise the adapter.
 
@@ -260,31 +393,38 @@ def get_lora_one_model(
     its `passes`, default 2) on `num_samples` examples of `batches` over all ranks (default 8; `None`:
     all of them) and with `train_step`, both as `estimate_gradients` takes them. Under
     `torch.distributed`, each rank passes its own batches and gets the same adapter.
+    `gamma="auto"` (or a list of values) picks gamma by `search_gamma` on the init samples
+    (`lora-one`, `spectral`). `cache_dir`: a folder where the gradient is stored, and read back by a
+    later call with the same model, samples and gradient settings, skipping the backward
+    (`lora_one.gradcache`).
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
     The LoRA-One variants expect `use_rslora=True` (the spec's default) and warn without it.
     """
     check_variant(variant)
+    gamma_grid(gamma, variant)  # a bad gamma fails before any work
     warn_without_rslora(variant, lora_config.use_rslora, stacklevel=3)
     for name, linear in find_target_linears(model, lora_config.target_modules).items():
         check_rank((linear.out_features, linear.in_features), lora_config.r, f"layer {name!r}")
     device = next(model.parameters()).device  # NCCL reduces on the GPU
     # taken once, so that the sidecar records exactly the samples of the gradient
     batches = init_samples(batches, num_samples, device) if batches is not None else []
-    gradients = None
+    gradients, cache = None, GradientCache(cache_dir) if cache_dir is not None else None
     t0 = time.perf_counter()
     if variant in NEEDS_GRADIENT:
         gradients = estimate_gradients(
             model, batches, lora_config.target_modules, progress=progress, mode=grad_mode,
             offload=offload, rank=lora_config.r, seed=seed, passes=sketch_passes, num_samples=None,
-            train_step=train_step,
+            train_step=train_step, cache_dir=cache,
         )
     grad_seconds = time.perf_counter() - t0
     peft_model = _wrap(model, lora_config, adapter_name, seed)
     t1 = time.perf_counter()  # the SVD phase starts after PEFT's wrapping
-    stats = init_lora_one(peft_model, gradients, variant, gamma, svd, seed, adapter_name)
-    t2 = time.perf_counter()
+    stats, gamma, search = initialise_adapter(peft_model, gradients, variant, gamma, svd, seed, adapter_name, batches,
+                                       train_step)
+    svd_seconds = time.perf_counter() - t1 - (search["seconds"] if search else 0.0)
     peft_model.lora_one_metadata = init_metadata(
-        variant, gamma, svd, grad_mode, sketch_passes, seed, batches, device, grad_seconds, t2 - t1, stats
+        variant, gamma, svd, grad_mode, sketch_passes, seed, batches, device, grad_seconds, svd_seconds, stats,
+        gamma_search=search, gradient_cache=cache.last if cache else None,
     )
     return peft_model
 
@@ -303,9 +443,10 @@ def warn_without_rslora(variant: str, use_rslora: bool, stacklevel: int = 2) -> 
 
 def init_metadata(variant: str, gamma: float, svd: str, grad_mode: str, sketch_passes: int | None, seed: int,
                   batches: list[Mapping], device, gradient_seconds: float, svd_seconds: float,
-                  stats: list[dict]) -> dict:
+                  stats: list[dict], gamma_search: dict | None = None, gradient_cache: dict | None = None) -> dict:
     """What the sidecar records about an init (`batches`: this rank's init samples; the counts are summed
-    over the ranks)."""
+    over the ranks; `gamma`: the one used, `gamma_search`: `search_gamma`'s record when it chose it;
+    `gradient_cache`: `GradientCache.last`)."""
     local = torch.tensor([sum(examples_in(b) for b in batches), len(batches)], device=device)
     n_samples, n_batches = all_reduce_sum(local).tolist()  # over the ranks' shards
     return {
@@ -323,6 +464,8 @@ def init_metadata(variant: str, gamma: float, svd: str, grad_mode: str, sketch_p
         "base_changed": variant in BASE_CHANGING_VARIANTS,
         "gradient_seconds": round(gradient_seconds, 4),
         "svd_seconds": round(svd_seconds, 4),
+        **({"gamma_search": gamma_search} if gamma_search else {}),
+        **({"gradient_cache": gradient_cache} if gradient_cache else {}),
         "layers": stats,
     }
 

@@ -1,0 +1,236 @@
+"""A cache of one-step gradients on disk: sweeps over rank, gamma or variant take the gradient once.
+
+`estimate_gradients(..., cache_dir=DIR)` (and `get_lora_one_model`, `LoraOneCallback`) looks the
+gradient up under a key before any backward, and stores it after computing it. The key is the SHA-256
+of a JSON of everything that fixes the result (`key_fields`):
+
+- the model: its class, a SHA-256 of its config, and a SHA-256 of the bytes of every parameter and
+  buffer (names, dtypes and shapes included). Exact, and the same on every device; it costs one read
+  of the weights (about 1 GB/s on one CPU core), which the gradient pass reads several times anyway.
+  A path or a name would not do: a fresh classifier head, a fitted probe head or weights changed in
+  place give another gradient from the same checkpoint;
+- the target layers and their shapes; the init samples (`hash_batches`, one hash per rank, so another
+  split of the samples over the ranks is another entry); the memory mode, and what shapes the result
+  in that mode (`single-batch`: the SVD's seed; `sketch`: seed, passes, oversampling);
+- what changes the rounding: the device type, an autocast dtype, and the torch, transformers and
+  lora-one versions.
+
+A custom `train_step` cannot be told apart from another, so it is refused with a cache.
+
+An entry is two files, written atomically (`lora_one.files.replacing`), the manifest last: `KEY.safetensors`
+(`accumulate`: `G` per layer; `single-batch` and `sketch`: the top-r SVD, `LAYER/U`, `/S`, `/Vh`) and
+`KEY.json` (the key's fields, what the entry holds and the SHA-256 of the tensor file). A read checks
+the manifest's fields against the key's and the tensor file against its checksum; a damaged entry is
+never used: a one-line warning, the gradient is recomputed and the entry rewritten. A top-r SVD
+serves every rank up to r (its first triplets: as accurate as a fresh smaller sketch or more, though
+not bit-identical to one); a larger rank recomputes and replaces the entry. Under `torch.distributed`
+every rank reads, all recompute unless every rank found the entry, and rank 0 writes; no rank waits
+for a file, so nothing can hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
+from torch import nn
+
+from lora_one.errors import UsageError
+from lora_one.files import replacing, write_text_atomic
+from lora_one.parallel import all_reduce_sum, distributed, is_main_process, world_size
+from lora_one.spectral import TopSVD
+from lora_one.targets import base_model_of
+
+FORMAT = "lora-one gradient cache"
+FORMAT_VERSION = 1
+_SVD_PARTS = ("U", "S", "Vh")
+
+
+def hash_batches(batches: Iterable[Mapping]) -> str:
+    """SHA-256 of the tensors of the init batches (key, dtype, shape and bytes of each), to record which
+    samples made the init."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            value = batch[key]
+            if isinstance(value, torch.Tensor):
+                h.update(f"{key} {value.dtype} {tuple(value.shape)}\n".encode())
+                h.update(_tensor_bytes(value))
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of `model` (tied ones once), with their names, dtypes and shapes."""
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def key_fields(model: nn.Module, targets: Mapping[str, nn.Module], samples: list[Mapping], mode: str, seed: int,
+               oversample: int | None, passes: int) -> dict:
+    """What fixes `estimate_gradients`' result (module docstring). Collective under `torch.distributed`."""
+    base = base_model_of(model)
+    config = getattr(base, "config", None)
+    device = next(iter(targets.values())).weight.device
+    fields = {
+        "model": {
+            "class": f"{type(base).__module__}.{type(base).__qualname__}",
+            "config_sha256": hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
+            if isinstance(config, transformers.PreTrainedConfig) else None,
+            "weights_sha256": weights_sha256(model),
+        },
+        "targets": {n: [m.out_features, m.in_features] for n, m in targets.items()},
+        "samples_sha256": _per_rank(hash_batches(samples)),
+        "mode": mode,
+        "device": device.type,
+        "autocast": str(torch.get_autocast_dtype(device.type)) if torch.is_autocast_enabled(device.type) else None,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "lora-one": version("lora-one")},
+    }
+    if mode != "accumulate":
+        fields["seed"] = seed
+    if mode == "sketch":
+        fields.update(passes=passes, oversample=oversample)
+    return fields
+
+
+def _per_rank(value: str) -> list[str]:
+    """`value` of every rank, in rank order."""
+    if not distributed():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class _Damaged(Exception):
+    """An entry that must not be used; the message says why."""
+
+
+class GradientCache:
+    """`estimate_gradients`' results under `folder`, one entry per key (module docstring). After each
+    lookup, `last` is `{"entry": tensor file, "hit": bool}` (and after a store, `"written": bool`), which
+    the init records in `lora_one.json`."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UsageError(f"cache_dir {str(folder)!r} is a file; give a folder for the gradient cache.")
+        self.last: dict | None = None
+
+    def _paths(self, fields: dict) -> tuple[Path, Path]:
+        key = _key(fields)
+        return self.folder / f"{key}.json", self.folder / f"{key}.safetensors"
+
+    def lookup(self, fields: dict, rank: int | None, targets: Mapping[str, nn.Module], offload: bool,
+               progress: bool) -> dict[str, torch.Tensor | TopSVD] | None:
+        """The entry for `fields`, checked, on the devices `estimate_gradients` returns its result on; None
+        when this rank or any other has no usable entry (then every rank recomputes)."""
+        manifest, tensors = self._paths(fields)
+        found = None
+        if manifest.exists():
+            try:
+                found = self._read(manifest, tensors, fields, rank)
+            except _Damaged as e:
+                warnings.warn(f"gradient cache entry {tensors} is damaged ({e}); not using it: the gradient is "
+                              "recomputed and the entry rewritten.", stacklevel=3)
+        device = next(iter(targets.values())).weight.device
+        if all_reduce_sum(torch.tensor([float(found is None)], device=device)).item():
+            found = None
+        self.last = {"entry": str(tensors), "hit": found is not None}
+        if found is None:
+            return None
+        if progress and is_main_process():
+            print(f"gradient cache hit: {tensors} (backward skipped)", flush=True)
+        return {name: _to(value, "cpu" if offload and isinstance(value, torch.Tensor) else targets[name].weight.device)
+                for name, value in found.items()}
+
+    def _read(self, manifest: Path, tensors: Path, fields: dict, rank: int | None) -> dict | None:
+        try:
+            meta = json.loads(manifest.read_text(encoding="utf-8"))
+            data = tensors.read_bytes()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _Damaged(f"{type(e).__name__}: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise _Damaged("not a manifest of this cache format")
+        if meta.get("fields") != json.loads(json.dumps(fields)):
+            raise _Damaged("its manifest describes another gradient than its name")
+        if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
+            raise _Damaged("the tensor file does not match its checksum")
+        try:
+            stored = load_tensors(data)
+        except SafetensorError as e:
+            raise _Damaged(f"unreadable tensor file: {e}") from None
+        shapes = fields["targets"]
+        if fields["mode"] == "accumulate":
+            if {n: list(t.shape) for n, t in stored.items()} != shapes:
+                raise _Damaged("its layers or shapes differ from the model's")
+            return stored
+        held = meta.get("rank")
+        if not isinstance(held, int) or {k for k in stored} != {f"{n}/{p}" for n in shapes for p in _SVD_PARTS}:
+            raise _Damaged("its layers differ from the model's")
+        if held < rank:
+            if is_main_process():
+                print(f"gradient cache: {tensors} holds a rank-{held} SVD, fewer than rank {rank}; recomputing",
+                      flush=True)
+            return None
+        out = {}
+        for name, (m, n) in shapes.items():
+            U, S, Vh = (stored[f"{name}/{p}"] for p in _SVD_PARTS)
+            if U.shape != (m, held) or S.shape != (held,) or Vh.shape != (held, n):
+                raise _Damaged(f"the SVD of {name!r} has the wrong shapes")
+            out[name] = TopSVD(U[:, :rank], S[:rank], Vh[:rank])
+        return out
+
+    def store(self, fields: dict, rank: int | None, gradients: Mapping[str, torch.Tensor | TopSVD]) -> None:
+        """Write the entry for `fields` (rank 0 only). A failed write is a warning: the run has its gradient."""
+        if not is_main_process():
+            return
+        manifest, tensors = self._paths(fields)
+        flat = {}
+        for name, value in gradients.items():
+            parts = {name: value} if isinstance(value, torch.Tensor) else {
+                f"{name}/{p}": getattr(value, p) for p in _SVD_PARTS}
+            flat.update({k: v.detach().to("cpu").contiguous() for k, v in parts.items()})
+        written = False
+        try:
+            manifest.unlink(missing_ok=True)  # the marker leaves first: a half-rewritten entry is no entry
+            with replacing(tensors) as tmp:
+                save_file(flat, tmp)
+                with tmp.open("rb") as f:
+                    checksum = hashlib.file_digest(f, "sha256").hexdigest()
+            meta = {"format": FORMAT, "version": FORMAT_VERSION, "fields": fields, "tensors": tensors.name,
+                    "tensors_sha256": checksum, "rank": None if fields["mode"] == "accumulate" else rank}
+            write_text_atomic(manifest, json.dumps(meta, indent=1, sort_keys=True) + "\n")  # last: marks it complete
+            written = True
+        except OSError as e:
+            warnings.warn(f"could not write the gradient cache entry {tensors} ({e}); the run goes on without it.",
+                          stacklevel=3)
+        self.last = {"entry": str(tensors), "hit": False, "written": written}
+
+
+def _to(value: torch.Tensor | TopSVD, device) -> torch.Tensor | TopSVD:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return TopSVD(value.U.to(device), value.S.to(device), value.Vh.to(device))

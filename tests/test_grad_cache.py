@@ -1,0 +1,207 @@
+"""The gradient cache (`cache_dir=`): a later run with the same model, samples and gradient settings skips the
+backward and gives the uncached run's adapter bit for bit; anything that changes the gradient is another entry;
+a damaged entry is never used. Also the worker of the two-process test (`python test_grad_cache.py OUT`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lm_batches, padded_batches, ragged_examples, tiny_llama
+from peft import LoraConfig
+
+from lora_one import estimate_gradients, get_lora_one_model
+from lora_one.errors import UsageError
+from lora_one.gradcache import GradientCache
+
+HERE = Path(__file__).parent
+CONFIG = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}
+MODES = {"accumulate": ({}, 1), "sketch": ({"grad_mode": "sketch"}, 3), "single-batch": ({"grad_mode": "single-batch"}, 4)}
+GRID = [2.0, 8.0, 32.0, 128.0]
+
+
+def adapter(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def products(state):
+    """`B @ A` per layer: fixed by the init, unlike the factors' joint sign per singular pair."""
+    return {n: state[n.replace(".lora_A.", ".lora_B.")] @ a for n, a in state.items() if ".lora_A." in n}
+
+
+def counted(model):
+    """`model` and the list its forward calls are appended to."""
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return model, calls
+
+
+def init(batches, model=None, lora=CONFIG, **kwargs):
+    return get_lora_one_model(model or tiny_llama(), LoraConfig(**lora), batches, num_samples=None, **kwargs)
+
+
+def entries(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.json"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_second_run_skips_the_backward_and_gives_the_uncached_adapter(mode, tmp_path, capsys):
+    kwargs, batch_size = MODES[mode]
+    batches = padded_batches(ragged_examples(), batch_size)  # ragged, padded; sketch: a short last batch
+    uncached = adapter(init(batches, progress=False, **kwargs))
+    for hit in (False, True):
+        model, forwards = counted(tiny_llama())
+        got = init(batches, model, cache_dir=tmp_path, **kwargs)
+        assert bool(forwards) != hit  # a hit runs no forward, so no backward
+        record = got.lora_one_metadata["gradient_cache"]
+        assert record["hit"] == hit and record["entry"].endswith(".safetensors")
+        assert_identical(adapter(got), uncached)
+    assert f"gradient cache hit: {record['entry']} (backward skipped)" in capsys.readouterr().out
+    assert len(entries(tmp_path)) == 1
+
+
+def test_what_changes_the_gradient_is_another_entry_and_what_does_not_is_a_hit(tmp_path):
+    batches = lm_batches(n=4)
+    init(batches, cache_dir=tmp_path, progress=False)
+    one_ulp = tiny_llama()
+    with torch.no_grad():  # not a target layer: the key covers every weight
+        one_ulp.model.norm.weight[0] = torch.nextafter(one_ulp.model.norm.weight[0], torch.tensor(2.0))
+    misses = {
+        "other samples": {"batches": lm_batches(n=4, seed=2)},
+        "one sample fewer": {"batches": batches[:3]},
+        "one weight one ulp away": {"model": one_ulp},
+        "other targets": {"lora": {**CONFIG, "target_modules": ["q_proj", "v_proj"]}},
+        "sketch mode": {"grad_mode": "sketch"},
+        "sketch, 3 passes": {"grad_mode": "sketch", "sketch_passes": 3},
+        "sketch, another seed": {"grad_mode": "sketch", "seed": 1},
+        "micro-batches of 2": {"batches": lm_batches(n=4, batch_size=2)},  # G equal to round-off only
+    }
+    for what, kwargs in misses.items():
+        model = init(**{"batches": batches, **kwargs}, cache_dir=tmp_path, progress=False)
+        assert not model.lora_one_metadata["gradient_cache"]["hit"], what
+    assert len(entries(tmp_path)) == 1 + len(misses)
+    hits = {"another rank": {"lora": {**CONFIG, "r": 2}}, "another gamma": {"gamma": 16.0},
+            "another variant": {"variant": "spectral"}, "a gamma search": {"gamma": GRID},
+            "another seed (accumulate)": {"seed": 5}}
+    for what, kwargs in hits.items():
+        model = init(**{"batches": batches, **kwargs}, cache_dir=tmp_path, progress=False)
+        assert model.lora_one_metadata["gradient_cache"]["hit"], what
+
+
+def _flip_a_byte(manifest, tensors):
+    data = bytearray(tensors.read_bytes())
+    data[-5] ^= 1  # in the last tensor's data, past the header
+    tensors.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "a flipped bit": _flip_a_byte,
+    "a truncated tensor file": lambda manifest, tensors: tensors.write_bytes(tensors.read_bytes()[:-100]),
+    "no tensor file": lambda manifest, tensors: tensors.unlink(),
+    "a manifest that is no JSON": lambda manifest, tensors: manifest.write_text('{"format": '),
+    "a manifest of another gradient": lambda manifest, tensors: manifest.write_text(
+        manifest.read_text().replace('"mode": "accumulate"', '"mode": "sketch"')),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_entry_is_never_used_and_is_rewritten(damage, tmp_path):
+    batches = lm_batches(n=4)
+    first = adapter(init(batches, cache_dir=tmp_path, progress=False))
+    (manifest,) = entries(tmp_path)
+    DAMAGE[damage](manifest, manifest.with_suffix(".safetensors"))
+    model, forwards = counted(tiny_llama())
+    with pytest.warns(UserWarning, match=r"gradient cache entry .* is damaged \(.*\); not using it: the gradient is "
+                                         r"recomputed and the entry rewritten"):
+        second = init(batches, model, cache_dir=tmp_path, progress=False)
+    assert forwards and not second.lora_one_metadata["gradient_cache"]["hit"]
+    assert_identical(adapter(second), first)
+    third = init(batches, cache_dir=tmp_path, progress=False)
+    assert third.lora_one_metadata["gradient_cache"]["hit"]
+    assert_identical(adapter(third), first)
+
+
+def test_a_top_r_svd_serves_smaller_ranks_and_a_larger_rank_recomputes(tmp_path, capsys):
+    batches = padded_batches(ragged_examples(), 2)
+
+    def sketch(rank, cache=None):
+        cache = cache or GradientCache(tmp_path)
+        model, forwards = counted(tiny_llama())
+        out = estimate_gradients(model, batches, mode="sketch", rank=rank, num_samples=None, cache_dir=cache)
+        return out, cache.last["hit"], bool(forwards)
+
+    rank4, hit, ran = sketch(4)
+    assert not hit and ran
+    rank2, hit, ran = sketch(2)
+    assert hit and not ran
+    for name, t in rank2.items():  # the first triplets of the stored SVD
+        assert t.S.shape == (2,)
+        assert torch.equal(t.U, rank4[name].U[:, :2]) and torch.equal(t.S, rank4[name].S[:2])
+        assert torch.equal(t.Vh, rank4[name].Vh[:2])
+    rank8, hit, ran = sketch(8)
+    assert not hit and ran
+    assert "holds a rank-4 SVD, fewer than rank 8; recomputing" in capsys.readouterr().out
+    (manifest,) = entries(tmp_path)
+    assert json.loads(manifest.read_text())["rank"] == 8  # replaced by the larger one
+    uncached = estimate_gradients(tiny_llama(), batches, mode="sketch", rank=8, num_samples=None, progress=False)
+    for name, t in rank8.items():
+        assert torch.equal(t.U, uncached[name].U) and torch.equal(t.S, uncached[name].S)
+    assert sketch(4)[1]
+
+
+def test_a_custom_loss_or_a_file_for_a_folder_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="cache_dir with train_step: .*drop cache_dir"):
+        estimate_gradients(tiny_llama(), lm_batches(), train_step=lambda m, b: m(**b).loss, cache_dir=tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="is a file; give a folder"):
+        init(lm_batches(n=4), cache_dir=tmp_path / "file")
+
+
+def test_two_ranks_share_one_entry_and_match_one_process(tmp_path):
+    """Two gloo processes on ragged shards, twice, with gamma searched: the first run writes one entry (rank 0),
+    the second hits on both ranks; every adapter is the same bit for bit, and the one-process search's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+           str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [[run["cache"]["hit"] for run in r] for r in ranks] == [[False, True], [False, True]]
+    assert len(entries(tmp_path / "cache")) == 1
+    single = init(padded_batches(ragged_examples(), 2), gamma=GRID, progress=False)
+    search = single.lora_one_metadata["gamma_search"]
+    for r in ranks:
+        for run in r:
+            assert run["search"]["chosen"] == search["chosen"]
+            assert run["search"]["losses"] == pytest.approx(search["losses"], rel=1e-5)
+            assert_identical(run["adapter"], ranks[0][0]["adapter"])
+    got, expected = products(ranks[0][0]["adapter"]), products(adapter(single))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert float((got[name] - expected[name]).norm() / expected[name].norm()) <= 1e-5, name
+
+
+def worker(out: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    shard = padded_batches(ragged_examples()[rank::2], 1)  # 5 and 14 tokens, or 9 and 7
+    runs = []
+    for _ in range(2):
+        model = init(shard, gamma=GRID, progress=False, cache_dir=out / "cache")
+        meta = model.lora_one_metadata
+        runs.append({"adapter": adapter(model), "search": meta["gamma_search"], "cache": meta["gradient_cache"]})
+    torch.save(runs, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))

@@ -329,15 +329,20 @@ def test_demo_pipeline_on_tiny_models(tiny, tmp_path, monkeypatch):
     from lora_one import demo
 
     monkeypatch.setitem(demo.DEMOS, "tiny", demo.Demo(
-        model=tiny["llama"], data=tiny["qa"], test=tiny["qa_eval"], what="tiny",
+        model=tiny["llama"], data=tiny["qa"], val=tiny["qa_eval"], test=tiny["qa_eval"], what="tiny",
         common=dict(max_steps=4, eval_every=2, batch_size=4, rank=4, init_samples=4),
         methods=dict(demo.DEMOS["trec"].methods),
     ))
     result = demo.run_demo("tiny", tmp_path / "demo", quiet=True)
-    runs = result["runs"]
-    assert list(runs) == ["lora", "lora-one", "lora-one+precond"]
-    for name in runs:
-        assert (tmp_path / "demo" / name / "adapter_model.safetensors").is_file()
+    methods = result["methods"]
+    assert list(methods) == ["lora", "lora-one", "lora-one+precond"]
+    runs = {}
+    for name, r in methods.items():
+        assert r["selection"] == []  # the demo's settings are fixed: nothing is chosen, the validation split unread
+        [runs[name]] = r["runs"]
+        assert runs[name]["folder"] == str(tmp_path / "demo" / "test" / name / f"lr={r['chosen']['lr']:g}" / "seed-0")
+        assert (tmp_path / "demo" / "test" / name / f"lr={r['chosen']['lr']:g}" / "seed-0" /
+                "adapter_model.safetensors").is_file()
         assert [m["step"] for m in runs[name]["metrics"] if "eval_loss" in m] == [0, 2, 4]
     # Same init -> the same step-0 numbers; different training -> different end points.
     assert runs["lora-one"]["step0_eval"] == runs["lora-one+precond"]["step0_eval"]

@@ -12,7 +12,7 @@ LAYERS = {  # layer -> modules (a package stands for its modules)
     1: ("spectral", "sketch", "preconditioner"),
     2: ("parallel", "targets", "gradients", "gradcache", "init", "save", "optim", "callback", "plots", "hub"),
     3: ("data", "embedded_data", "models", "evaluate", "probe", "load", "merge", "settings", "runs", "finetune",
-        "demo", "toys"),
+        "compare", "demo", "toys"),
     4: ("cli",),
 }
 LAYER_OF = {m: layer for layer, modules in LAYERS.items() for m in modules}

@@ -1,4 +1,4 @@
-"""The two figures: a run's `loss.png` and the demo's `comparison.png` (matplotlib, no display)."""
+"""The two figures: a run's `loss.png` and a comparison's `comparison.png` (matplotlib, no display)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from lora_one.files import replacing  # noqa: E402
 
@@ -40,15 +41,28 @@ def plot_loss(metrics: list[dict], path: str | Path, title: str = "") -> Path:
     return Path(path)
 
 
-def plot_comparison(runs: dict[str, list[dict]], path: str | Path, metric: str = "accuracy", title: str = "") -> Path:
-    """Held-out loss and `metric` against step, one line per run."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, metrics in runs.items():
-        for ax, key in zip(axes, ("eval_loss", f"eval_{metric}")):
-            ax.plot(*_series(metrics, key), "o-", label=name)
-    axes[0].set(xlabel="step", ylabel="held-out loss", yscale="log")
-    axes[1].set(xlabel="step", ylabel=f"held-out {metric}")
-    for ax in axes:
+def plot_comparison(curves: dict[str, dict[str, list[dict]]], path: str | Path, metric: str | None = "accuracy",
+                    title: str = "", split: str = "held-out") -> Path:
+    """Loss and `metric` (None: loss only) against step, one line per method: `curves[method][key]` is a
+    list of points `{"step", "mean", "se"}`, drawn as the mean with a band of one standard error (where
+    there is one: several seeds)."""
+    keys = ["loss", *([metric] if metric else [])]
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for name, curve in curves.items():
+        for ax, key in zip(axes[0], keys):
+            points = curve[key]
+            steps, mean = [p["step"] for p in points], [p["mean"] for p in points]
+            (line,) = ax.plot(steps, mean, "o-", label=name)
+            if all(p["se"] is not None for p in points):
+                ax.fill_between(steps, [m - p["se"] for m, p in zip(mean, points)],
+                                [m + p["se"] for m, p in zip(mean, points)], color=line.get_color(), alpha=0.2)
+    for ax, key in zip(axes[0], keys):
+        ax.set(xlabel="step", ylabel=f"{split} {key.replace('_', ' ')}", yscale="log" if key == "loss" else "linear")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key == "loss":  # plain numbers on the log axis, not 3.5 x 10^0
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3)
         ax.legend()
     if title:

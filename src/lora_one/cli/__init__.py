@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 
-from lora_one.cli import demo, eval, finetune, init, merge, toy
+from lora_one.cli import compare, demo, eval, finetune, init, merge, toy
 from lora_one.errors import UsageError
 
-SUBCOMMANDS = (init, finetune, eval, merge, demo, toy)
+SUBCOMMANDS = (init, finetune, eval, merge, compare, demo, toy)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
-"""`lora-one demo`: the main job, LoRA vs LoRA-One on an embedded task, with a report."""
+"""`lora-one demo`: the main job, LoRA vs LoRA-One on an embedded task, with a report (a preset of
+`lora-one compare`)."""
 
 from __future__ import annotations
 
+from lora_one.cli.compare import interruptible
 from lora_one.demo import DEMOS, run_demo
 from lora_one.errors import UsageError
 
@@ -12,9 +14,12 @@ def add_parser(sub) -> None:
                    help="trec: SmolLM2 + TREC question types (causal LM); sentiment: MiniLM + Rotten Tomatoes")
     p.add_argument("--out", help="default: runs/demo (trec) or runs/demo-sentiment")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="runs per method, with seeds --seed, --seed + 1, ...")
     p.add_argument("--steps", type=int, help="optimizer steps per method (default: the demo's)")
     p.add_argument("--methods", help="comma-separated subset of the demo's methods")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again the finished runs in --out made with other settings (default: refuse)")
     p.set_defaults(func=cmd)
 
 
@@ -22,4 +27,5 @@ def cmd(args) -> dict:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}.")
-    return run_demo(args.task, args.out, args.seed, args.steps, methods, args.quiet)
+    with interruptible():
+        return run_demo(args.task, args.out, args.seed, args.steps, methods, args.quiet, args.seeds, args.overwrite)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 
 from lora_one.errors import UsageError
@@ -28,8 +29,10 @@ def read_adapter_info(adapter_dir: str | Path) -> dict:
     return meta
 
 
-def load_for_eval(model: str, adapter_dir: str | Path | None = None, task: str | None = None, device=None):
-    """`(model in eval mode, tokenizer, task, adapter info)`: the base model, with the adapter if given."""
+def load_for_eval(model: str, adapter_dir: str | Path | None = None, task: str | None = None, device=None,
+                  dtype: torch.dtype = torch.float32, quantize: str | None = None):
+    """`(model in eval mode, tokenizer, task, adapter info)`: the base model (in `dtype`, or quantised as
+    `load_model` does it), with the adapter if given."""
     meta = read_adapter_info(adapter_dir) if adapter_dir else {}
     task = task or meta.get("task") or infer_task(resolve_model_path(model))
     label2id = meta.get("label2id")
@@ -38,9 +41,11 @@ def load_for_eval(model: str, adapter_dir: str | Path | None = None, task: str |
             "Evaluating a classifier needs the adapter that trained its head, with the label names in "
             "its lora_one.json (give --adapter of a `lora-one finetune` run)."
         )
-    base, tokenizer, task = load_model(model, task, num_labels=len(label2id) if label2id else None)
+    device = device or resolve_device("auto")
+    base, tokenizer, task = load_model(model, task, num_labels=len(label2id) if label2id else None, dtype=dtype,
+                                       quantize=quantize, device=device)
     if label2id:
         base.config.label2id, base.config.id2label = label2id, {i: k for k, i in label2id.items()}
     net = PeftModel.from_pretrained(base, str(adapter_dir)) if adapter_dir else base
-    net.to(device or resolve_device("auto")).eval()
+    net.to(device).eval()
     return net, tokenizer, task, meta

@@ -19,6 +19,7 @@ from lora_one.init import get_lora_one_model
 from lora_one.load import load_for_eval
 from lora_one.models import (
     CLASSIFICATION,
+    DTYPES,
     HUB_IDS,
     PEFT_TASK_TYPES,
     infer_task,
@@ -29,6 +30,7 @@ from lora_one.models import (
 from lora_one.parallel import is_main_process, resolve_device
 from lora_one.save import save_adapter
 from lora_one.settings import DataSettings, EvalSettings, InitSettings
+from lora_one.spectral import BASE_CHANGING_VARIANTS
 
 # --max-length when not given, unless the model has fewer positions.
 DEFAULT_MAX_LENGTH = 256
@@ -36,19 +38,35 @@ DEFAULT_MAX_LENGTH = 256
 
 def complete_model_settings(s: DataSettings) -> None:
     """Fill `device="auto"` (with the kind of device: under a launcher each process takes its own
-    index), the default `grad_mode` and `max_length` (256, or fewer when the model has fewer
-    positions); refuse a `max_length` above the model's positions. In place, so that `args.json`
-    records them."""
+    index), the default `grad_mode` (sketch for a sharded launch or a quantised base) and `max_length`
+    (256, or fewer when the model has fewer positions); refuse a `max_length` above the model's
+    positions, and on a quantised base an init that needs weight gradients or rewrites the weights. In
+    place, so that `args.json` records them."""
     if s.device == "auto":
         s.device = resolve_device("auto").type
-    if isinstance(s, InitSettings) and s.grad_mode is None:
-        s.grad_mode = "sketch" if sharded_launch() else "accumulate"
+    if isinstance(s, InitSettings):
+        if s.quantize:
+            _check_quantized_init(s)
+        if s.grad_mode is None:
+            s.grad_mode = "sketch" if sharded_launch() or s.quantize else "accumulate"
     positions = max_positions(resolve_model_path(s.model))
     if s.max_length is None:
         s.max_length = min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
     elif positions and s.max_length > positions:
         raise UsageError(f"--max-length {s.max_length} exceeds the model's {positions} positions "
                          f"(max_position_embeddings); give --max-length {positions} or less.")
+
+
+def _check_quantized_init(s: InitSettings) -> None:
+    """A quantised weight takes no gradient and no in-place update: only sketch mode (which never forms a
+    weight gradient) and the variants that leave the base as it is work on it."""
+    if s.variant in BASE_CHANGING_VARIANTS:
+        raise UsageError(f"--variant {s.variant} rewrites the base weights, which --quantize {s.quantize} makes "
+                         "read-only; use lora-one, spectral or lora (or drop --quantize).")
+    if s.grad_mode not in (None, "sketch"):
+        raise UsageError(f"--grad-mode {s.grad_mode} needs the gradient of the weights, which --quantize {s.quantize} "
+                         "weights cannot take; use --grad-mode sketch (the default with --quantize), which never "
+                         "forms it.")
 
 
 def sharded_launch() -> bool:
@@ -91,7 +109,8 @@ def load_task_data(s: DataSettings, path: str):
     fields = s.fields
     records = read_records(path, task, fields)
     label2id = label_mapping(records, fields) if task == CLASSIFICATION else None
-    model, tokenizer, task = load_model(s.model, task, num_labels=len(label2id) if label2id else None)
+    model, tokenizer, task = load_model(s.model, task, num_labels=len(label2id) if label2id else None,
+                                        dtype=DTYPES[s.dtype], quantize=s.quantize, device=resolve_device(s.device))
     if label2id:
         model.config.label2id, model.config.id2label = label2id, {i: k for k, i in label2id.items()}
     feats = prepare(records, tokenizer, task, fields, s.max_length, s.too_long, s.chat_template, label2id)
@@ -133,7 +152,8 @@ def run_eval(s: EvalSettings) -> dict:
         check_writable(out)
     s = dataclasses.replace(s)
     complete_model_settings(s)
-    model, tokenizer, task, meta = load_for_eval(s.model, s.adapter, s.task, resolve_device(s.device))
+    model, tokenizer, task, meta = load_for_eval(s.model, s.adapter, s.task, resolve_device(s.device),
+                                                 DTYPES[s.dtype], s.quantize)
     fields = s.fields
     records = read_records(s.data, task, fields)
     chat_template = s.chat_template or bool(meta.get("chat_template"))

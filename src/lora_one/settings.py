@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from lora_one.data import FORMATS, TOO_LONG, Fields
 from lora_one.errors import UsageError
 from lora_one.gradients import MODES
-from lora_one.models import TASKS
+from lora_one.models import DTYPES, QUANTIZATIONS, TASKS
 from lora_one.optim import DEFAULT_REG
 from lora_one.parallel import resolve_device
 from lora_one.spectral import VARIANTS
@@ -40,7 +40,8 @@ def required(help: str):
 class DataSettings:
     """Model and data (`init`, `finetune` and `eval`)."""
 
-    model: str = required("alias (smollm2-135m, minilm-l6) or a local HF folder")
+    model: str = required("alias (smollm2-135m, minilm-l6), a local HF folder, a .gguf file (converted once into the "
+                          "cache) or a Hub id owner/name (online, or in the Hugging Face cache)")
     data: str = required("training data: a .jsonl, .json, .csv/.tsv (UTF-8) or .parquet file, a Hub data set "
                          "hub:NAME[:CONFIG][@SPLIT] (online), or an embedded set (trec, sentiment)")
     task: str | None = setting(None, "default: causal-lm for *ForCausalLM models, seq2seq for *ForConditionalGeneration "
@@ -53,6 +54,11 @@ class DataSettings:
                             "seq2seq prompt or response, a plain or classification text: its end), skip, or error; the "
                             "count is printed", TOO_LONG)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    dtype: str = setting("float32", "dtype of the model's weights (the one-step gradient is summed in float32 "
+                         "whatever it is)", tuple(DTYPES))
+    quantize: str | None = setting(None, "quantise the base's linear layers with bitsandbytes (QLoRA): 4bit (NF4) or "
+                                   "8bit; the init runs in sketch mode, the adapter loads on the unquantised base",
+                                   QUANTIZATIONS)
     prompt_field: str = setting("prompt", "field of the prompt (prompt-response)")
     response_field: str = setting("response", "field of the response (prompt-response; records with TRL's "
                                   "'completion' need no flag)")

@@ -447,10 +447,10 @@ def _selection_section(summary: dict) -> list[str]:
     chosen_by = (f"the validation {metric.replace('_', ' ')} at the last step (ties: the lower validation loss, then "
                  "the first in the grid)" if metric else "the validation loss at the last step (the data has no "
                  "accuracy or exact match)")
-    lines = [f"## Choice of each method's setting (validation split, seed {summary['seeds'][0]})", "",
-             f"Chosen by {chosen_by}.", ""]
+    lines = [f"## Choice of each method's setting (validation split, seed {summary['seeds'][0]})", ""]
     chose = {label: r for label, r in summary["methods"].items() if r["selection"]}
     if chose:
+        lines += [f"Chosen by {chosen_by}.", ""]
         head = ["method", "setting", *([metric.replace("_", " ")] if metric else []), "loss", "chosen"]
         lines += ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
         for label, r in chose.items():
@@ -471,12 +471,16 @@ def report_markdown(summary: dict) -> str:
     name = metric.replace("_", " ") if metric else None
     seeds = summary["seeds"]
     split = summary["report_split"]
+    chose = any(r["selection"] for r in summary["methods"].values())
+    val = f"`{summary['validation_data']}`"
     if summary["test_data"]:
-        where = (f"Reported on the **test** split `{summary['test_data']}`; the validation split "
-                 f"`{summary['validation_data']}` chose each method's setting, and the test split chose nothing.")
+        where = (f"Reported on the **test** split `{summary['test_data']}`, which chose nothing"
+                 + (f"; the settings with a choice were chosen on the validation split {val} (below)." if chose
+                    else "."))
     else:
-        where = (f"No test split was given: reported on the **validation** split `{summary['validation_data']}`, "
-                 "the split that also chose each method's setting, so the chosen settings' numbers are optimistic.")
+        where = (f"No test split was given: reported on the **validation** split {val}"
+                 + (", which also chose the settings with a choice (below), so their numbers are optimistic." if chose
+                    else "."))
     sampled = summary["eval_samples"].get("test" if summary["test_data"] else "val")
     n_text = (f"a fixed random sample of {sampled['n']} of its {sampled['of']} records" if sampled and
               sampled["n"] < sampled["of"] else f"{summary['eval_n']} records")
@@ -486,8 +490,8 @@ def report_markdown(summary: dict) -> str:
         f"# Comparison: {summary['what']}",
         "",
         (f"Model `{summary['model']}`, training data `{summary['data']}`. Every run: {summary['steps']} optimizer "
-         f"steps of batch {summary['batch_size']} in the same data order for a given seed, evaluated at steps "
-         f"{', '.join(map(str, summary['eval_steps']))}. Seeds {', '.join(map(str, seeds))}. {where} "
+         f"step(s) of batch {summary['batch_size']} in the same data order for a given seed, evaluated at steps "
+         f"{', '.join(map(str, summary['eval_steps']))}. Seed(s) {', '.join(map(str, seeds))}. {where} "
          f"Evaluated on {n_text}."),
         "",
         f"## At the last step ({split} split)",
@@ -513,9 +517,9 @@ def report_markdown(summary: dict) -> str:
     lines += ["## Methods", ""]
     for label, r in summary["methods"].items():
         lines.append(f"- `{label}`: " + ", ".join(f"{k}={_text(v)}" for k, v in r["settings"].items())
-                     + f"; chosen {setting_name(r['chosen'])}")
+                     + f"; runs at {setting_name(r['chosen'])}")
     lines += ["", (f"Run folders: `{'test' if summary['test_data'] else 'val'}/<method>/<setting>/seed-<s>/` "
-                   "(reported), `val/...` (the choice); each is an ordinary `lora-one finetune` run (adapter, "
-                   "`lora_one.json`, `args.json`, `metrics.jsonl`). `summary.json` holds every number. Wall time "
-                   f"{summary['wall_seconds']:.0f} s."), ""]
+                   f"(reported){', `val/...` (the choice)' if chose else ''}; each is an ordinary `lora-one finetune` "
+                   "run (adapter, `lora_one.json`, `args.json`, `metrics.jsonl`). `summary.json` holds every number. "
+                   f"Wall time {summary['wall_seconds']:.0f} s."), ""]
     return "\n".join(lines)

@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_one.demo import DEMOS, INIT_KEYS
+from lora_one.compare import step0_key
+from lora_one.demo import DEMOS
 from lora_one.finetune import run_finetune
 from lora_one.settings import FinetuneSettings
 
@@ -137,7 +138,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             fa = FinetuneSettings(model=demo.model, data=demo.data, eval_data=f"{demo.data}:val", out=tmp,
                                   seed=args.seed, overwrite=True, quiet=True, save_every=0, **settings)
-            init_key = json.dumps({k: getattr(fa, k) for k in INIT_KEYS}, sort_keys=True)
+            init_key = step0_key(fa)
             t = time.perf_counter()
             summary = run_finetune(fa, step0_eval=step0_cache.get(init_key))
         step0 = {k[5:]: v for k, v in summary["step0_eval"].items() if k.startswith("eval_")}

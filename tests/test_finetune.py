@@ -221,7 +221,7 @@ def test_classification_trains_the_probed_head(tiny, tmp_path):
     assert metrics[-1]["eval_accuracy"] == pytest.approx(hits / len(recs))
 
 
-def test_eval_matches_hand_computed_accuracy(tiny, tmp_path, capsys):
+def test_eval_matches_hand_computed_accuracy(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(qa_args(tiny, out, "--max-steps", "4", "--lr", "1e-2")) == 0
     res_path = tmp_path / "eval.json"
@@ -265,6 +265,24 @@ def test_eval_matches_hand_computed_accuracy(tiny, tmp_path, capsys):
                 new.append(t)
             hits += tok.decode(new).strip() == r["response"].strip()
     assert res["metric"] == "exact_match" and res["exact_match"] == pytest.approx(hits / 4)
+    assert res["exact_match_n"] == 4  # the default sample (200) holds them all
+    # A bounded sample and a cap on new tokens: generation runs on 2 of the 4 prompts, 1 token each,
+    # and the loss stays on all 4.
+    import lora_one.evaluate
+
+    real, seen = lora_one.evaluate.greedy_generate, []
+
+    def counted(model, tokenizer, prompts, max_new_tokens, *args):
+        seen.append((len(prompts), max_new_tokens))
+        return real(model, tokenizer, prompts, max_new_tokens, *args)
+
+    monkeypatch.setattr(lora_one.evaluate, "greedy_generate", counted)
+    loss_all = res["loss"]
+    assert main(["eval", "--model", tiny["llama"], "--data", str(open_path), "--out", str(res_path),
+                 "--generate-samples", "2", "--max-new-tokens", "1"]) == 0
+    res = json.loads(res_path.read_text())
+    assert seen == [(2, 1)] and (res["exact_match_n"], res["n"]) == (2, 4)
+    assert res["loss"] == pytest.approx(loss_all)
 
 
 @pytest.mark.parametrize("kind", ["causal", "classification"])

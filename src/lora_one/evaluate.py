@@ -19,6 +19,7 @@ scoring encodes each prompt once and decodes every candidate against it.
 from __future__ import annotations
 
 import inspect
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -226,13 +227,15 @@ def _token_nll(model, features: list[dict], pad_id: int, batch_size: int, progre
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
+                    progress: bool = False) -> list[str]:
     """Greedy continuations of token-id prompts in batches (a decoder-only model's left-padded, so
     that every continuation starts at the end), decoded without special tokens."""
     device = next(model.parameters()).device
     decoder_only = not model.config.is_encoder_decoder
     texts = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generating", unit="batch", disable=not progress, leave=False):
         ids, mask = _pad(prompts[start : start + batch_size], device, left=decoder_only)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -246,13 +249,19 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_
 class _PromptResponseEvaluator(ABC):
     """`evaluator(model) -> {"loss", "accuracy" | "exact_match", "n"}` on fixed prompt/response records;
     the subclasses say how a model reads a prompt and scores a candidate. `note` says how many records
-    the length limit (`too_long`) truncated or skipped."""
+    the length limit (`too_long`) truncated or skipped.
+
+    Exact match needs a generation per record, far slower than a loss: `max_generate` bounds it to a
+    fixed random sample of that many records (`exact_match_n` says how many; the loss stays on all),
+    and `max_new_tokens` caps each generation (below the longest reference response, a longer one
+    cannot match)."""
 
     task: str
 
     def __init__(self, records, tokenizer, fields: Fields = DEFAULT_FIELDS, max_length: int = 256,
                  chat_template: bool = False, choices: Sequence[str] | None = None, batch_size: int = 16,
-                 progress: bool = False, too_long: str = "truncate"):
+                 progress: bool = False, too_long: str = "truncate", max_generate: int | None = None,
+                 max_new_tokens: int | None = None):
         self.tokenizer, self.batch_size, self.progress = tokenizer, batch_size, progress
         fields = resolve_format(records, self.task, fields)
         responses = [str(r[fields.response]) for r in records]
@@ -270,7 +279,9 @@ class _PromptResponseEvaluator(ABC):
             index = {c.strip(): i for i, c in enumerate(self.choices)}
             self.gold = torch.tensor([index[r.strip()] for r in responses])
         else:
-            self.responses, self.max_new = responses, room
+            self.responses, self.max_new = responses, min(room, max_new_tokens or room)
+            n = len(self.prompts)
+            self.generated = sorted(random.Random(0).sample(range(n), min(n, max_generate or n)))
 
     @abstractmethod
     def _features(self, records, tokenizer, fields, max_length, chat_template, too_long, room):
@@ -298,9 +309,11 @@ class _PromptResponseEvaluator(ABC):
             accuracy = (scores.argmax(1) == self.gold).float().mean().item()
             return {"loss": -gold_lp.sum().item() / n_tokens, "accuracy": accuracy, "n": n}
         total, count = _token_nll(model, self.features, self.tokenizer.pad_token_id, self.batch_size, self.progress)
-        texts = greedy_generate(model, self.tokenizer, self.prompts, self.max_new, self.batch_size)
-        hits = sum(t.strip() == r.strip() for t, r in zip(texts, self.responses))
-        return {"loss": total / count, "exact_match": hits / n, "n": n}
+        texts = greedy_generate(model, self.tokenizer, [self.prompts[i] for i in self.generated], self.max_new,
+                                self.batch_size, self.progress)
+        hits = sum(t.strip() == self.responses[i].strip() for t, i in zip(texts, self.generated))
+        return {"loss": total / count, "exact_match": hits / len(self.generated), "n": n,
+                "exact_match_n": len(self.generated)}
 
 
 class CausalLMEvaluator(_PromptResponseEvaluator):
@@ -387,12 +400,13 @@ class ClassificationEvaluator:
 
 def make_evaluator(task: str, records, tokenizer, fields: Fields, max_length: int, chat_template: bool = False,
                    choices=None, label2id=None, batch_size: int = 16, progress: bool = False,
-                   too_long: str = "truncate"):
+                   too_long: str = "truncate", max_generate: int | None = None, max_new_tokens: int | None = None):
     """The evaluator of `records` for `task`, by their format (`fields.format`, else detected)."""
     fields = resolve_format(records, task, fields)
     if fields.format == PROMPT_RESPONSE:
         evaluator = Seq2SeqEvaluator if task == SEQ2SEQ else CausalLMEvaluator
-        return evaluator(records, tokenizer, fields, max_length, chat_template, choices, batch_size, progress, too_long)
+        return evaluator(records, tokenizer, fields, max_length, chat_template, choices, batch_size, progress, too_long,
+                         max_generate, max_new_tokens)
     if choices and task != CLASSIFICATION:
         raise UsageError(f"--choices scores candidate responses, and {fields.format} records have none; drop it.")
     feats = prepare(records, tokenizer, task, fields, max_length, too_long, chat_template, label2id)

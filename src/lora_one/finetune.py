@@ -409,8 +409,9 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
     choices = choices_of(records, task, fields, s.choices)
     evaluator = None
     if eval_records is not None:
-        evaluator = make_evaluator(task, eval_records, tokenizer, fields, s.max_length, s.chat_template,
-                                   choices, label2id, s.eval_batch_size, too_long=s.too_long)
+        evaluator = make_evaluator(task, eval_records, tokenizer, fields, s.max_length, s.chat_template, choices,
+                                   label2id, s.eval_batch_size, progress=not s.quiet, too_long=s.too_long,
+                                   max_generate=s.generate_samples, max_new_tokens=s.max_new_tokens)
         if evaluator.note and main:
             print(f"{s.eval_data or 'the held-out split'}: {evaluator.note}", flush=True)
 

@@ -159,7 +159,8 @@ def run_eval(s: EvalSettings) -> dict:
     chat_template = s.chat_template or bool(meta.get("chat_template"))
     choices = choices_of(records, task, fields, s.choices, meta.get("choices"))
     evaluator = make_evaluator(task, records, tokenizer, fields, s.max_length, chat_template, choices,
-                               meta.get("label2id"), s.batch_size, progress=True, too_long=s.too_long)
+                               meta.get("label2id"), s.batch_size, progress=True, too_long=s.too_long,
+                               max_generate=s.generate_samples, max_new_tokens=s.max_new_tokens)
     if evaluator.note:
         print(f"{s.data}: {evaluator.note}", flush=True)
     model.eval()

@@ -79,6 +79,24 @@ class DataSettings:
 
 
 @dataclass(kw_only=True)
+class GenerationSettings:
+    """Exact match (`finetune` and `eval` on open-ended prompt-response data)."""
+
+    generate_samples: int = setting(200, "exact match by greedy generation on a fixed random sample of at most this "
+                                    "many held-out records, a generation each (0: all); the loss is on all")
+    max_new_tokens: int = setting(64, "cap on the tokens of each generation (the longest reference response, if "
+                                  "shorter)")
+
+    def generation_problems(self) -> list[str]:
+        problems = []
+        if self.generate_samples < 0:
+            problems.append(f"--generate-samples must be >= 0 (0: all), got {self.generate_samples}")
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        return problems
+
+
+@dataclass(kw_only=True)
 class InitSettings(DataSettings):
     """Adapter and init (`init` and `finetune`)."""
 
@@ -130,7 +148,7 @@ class InitSettings(DataSettings):
 
 
 @dataclass(kw_only=True)
-class FinetuneSettings(InitSettings):
+class FinetuneSettings(InitSettings, GenerationSettings):
     """Training, evaluation and output (`finetune`: training with `transformers.Trainer`)."""
 
     precondition: bool = setting(False, "Riemannian (scaled) AdamW")
@@ -168,7 +186,7 @@ class FinetuneSettings(InitSettings):
 
     def check(self) -> None:
         super().check()
-        problems = []
+        problems = self.generation_problems()
         if not 0 < self.lr < 1:
             problems.append(f"--lr (the learning rate) must lie in (0, 1), got {self.lr}")
         for name in ("batch_size", "grad_accum", "eval_batch_size", "probe_samples"):
@@ -201,7 +219,7 @@ class FinetuneSettings(InitSettings):
 
 
 @dataclass(kw_only=True)
-class EvalSettings(DataSettings):
+class EvalSettings(DataSettings, GenerationSettings):
     """Evaluation (`eval`: a base model, with an adapter or without, on held-out data)."""
 
     adapter: str | None = setting(None, "adapter folder (from finetune); without it, the base model is evaluated")
@@ -212,8 +230,11 @@ class EvalSettings(DataSettings):
 
     def check(self) -> None:
         super().check()
+        problems = self.generation_problems()
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}.")
+            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if problems:
+            raise UsageError("; ".join(problems) + ".")
 
 
 def as_dict(settings) -> dict:

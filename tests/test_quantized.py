@@ -1,0 +1,216 @@
+"""QLoRA (issue 12, item 4): the LoRA-One init on a 4-bit or 8-bit base (bitsandbytes), in sketch mode, which
+never forms a weight gradient; training; an adapter for the unquantised base.
+
+References are independent: a full fine-tuning backward of a float32 Llama, once with the original weights
+and once with the 4-bit weights dequantised by bitsandbytes into it (what the 4-bit model computes with),
+then `torch.linalg.svd`.
+"""
+
+import json
+
+import pytest
+import torch
+from callback_worker import Step0, lm_rows
+from conftest import full_finetuning_gradients, padded_batches
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from test_cli_init import run
+from tiny_models import one_thread, question_records, tiny_llama  # noqa: F401 (one_thread: a fixture)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+from lora_one import LoraOneCallback, models
+from lora_one.errors import UsageError
+from lora_one.gradients import estimate_gradients
+from lora_one.init import get_lora_one_model
+from lora_one.models import load_model
+from lora_one.spectral import subspace_sine
+from lora_one.targets import lora_layers
+
+bnb = pytest.importorskip("bitsandbytes")
+
+R, GAMMA, N = 4, 16.0, 8
+LORA = {"r": R, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def tok(base_dir):
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+@pytest.fixture(scope="module")
+def examples(tok):
+    return [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])} for r in lm_rows(tok, N)]
+
+
+def dequantised(base_dir, quantised) -> torch.nn.Module:
+    """The float32 model with each 4-bit weight replaced by bitsandbytes' dequantisation of it."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    for name, module in quantised.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            model.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    return model
+
+
+def top_subspaces(G: torch.Tensor):
+    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    return U[:, :R], Vh[:R].mT, S
+
+
+def sine(factors, G) -> float:
+    """The larger of the left and right top-r subspace sines between `B A` and `G`."""
+    U, V, _ = top_subspaces(G)
+    Ub = torch.linalg.qr(factors[0].double())[0]
+    Va = torch.linalg.qr(factors[1].double().mT)[0]
+    return max(subspace_sine(U, Ub), subspace_sine(V, Va))
+
+
+def step0_factors(peft_model) -> dict:
+    return {n: (layer.lora_B["default"].weight.detach(), layer.lora_A["default"].weight.detach())
+            for n, layer in lora_layers(peft_model).items()}
+
+
+def assert_lora_one_step0(factors: dict, gradients: dict, tol: float) -> None:
+    """`B A = -G_r / (gamma sigma_1)` for every layer, to `tol` relative (Frobenius)."""
+    assert factors and factors.keys() <= gradients.keys()
+    for name, (B, A) in factors.items():
+        U, V, S = top_subspaces(gradients[name])
+        expected = -(U * S[:R]) @ V.mT / (GAMMA * S[0])
+        rel = float(((B.double() @ A.double()) - expected).norm() / expected.norm())
+        assert rel < tol, (name, rel)
+
+
+def test_4bit_sketch_init_is_the_step_of_the_quantised_model(base_dir, tok, examples):
+    quantised, _, _ = load_model(str(base_dir), quantize="4bit")
+    assert isinstance(quantised.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    reference_q = full_finetuning_gradients(dequantised(base_dir, quantised), examples)
+    peft_model = get_lora_one_model(quantised, LoraConfig(**LORA), padded_batches(examples, 3, tok.pad_token_id),
+                                    gamma=GAMMA, grad_mode="sketch", sketch_passes=3, num_samples=None,
+                                    progress=False)
+    factors = step0_factors(peft_model)
+    assert len(factors) == 14
+    # exactly LoRA-One's step for the model that trains (its weights are the 4-bit ones)
+    assert_lora_one_step0(factors, reference_q, tol=2e-2)
+
+
+def test_8bit_sketch_init_is_near_the_float32_step(base_dir, tok, examples):
+    """LLM.int8 also rounds the inputs of each matmul (to int8 per row), so the reference is the float32 model."""
+    quantised, _, _ = load_model(str(base_dir), quantize="8bit")
+    assert isinstance(quantised.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+    reference_32 = full_finetuning_gradients(AutoModelForCausalLM.from_pretrained(base_dir), examples)
+    peft_model = get_lora_one_model(quantised, LoraConfig(**LORA), padded_batches(examples, 3, tok.pad_token_id),
+                                    gamma=GAMMA, grad_mode="sketch", sketch_passes=3, num_samples=None,
+                                    progress=False)
+    sines = sorted(sine(f, reference_32[n]) for n, f in step0_factors(peft_model).items())
+    assert sines[len(sines) // 2] < 0.05 and sines[-1] < 0.2, sines
+
+
+def test_accumulate_mode_refuses_a_quantised_base_naming_sketch(base_dir, tok, examples):
+    quantised, _, _ = load_model(str(base_dir), quantize="4bit")
+    with pytest.raises(UsageError, match="Use mode='sketch', which needs no weight gradient"):
+        estimate_gradients(quantised, padded_batches(examples, 3, tok.pad_token_id), num_samples=None,
+                           progress=False)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--grad-mode", "accumulate"), "--grad-mode accumulate needs the gradient of the weights"),
+    (("--grad-mode", "single-batch"), "use --grad-mode sketch"),
+    (("--variant", "pissa"), "--variant pissa rewrites the base weights"),
+    (("--variant", "lora-one-v1", "--grad-mode", "sketch"), "use lora-one, spectral or lora"),
+])
+def test_what_a_quantised_base_cannot_do_is_one_line(flags, message, base_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in question_records(12)))
+    assert run("init", "--model", base_dir, "--data", data, "--out", tmp_path / "out", "--quantize", "4bit",
+               *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_bitsandbytes_the_flag_names_the_install(base_dir, tmp_path, monkeypatch, capsys):
+    find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in question_records(12)))
+    assert run("init", "--model", base_dir, "--data", data, "--out", tmp_path / "out", "--quantize", "8bit") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install 'lora-one[quant]'" in err
+
+
+def lora_gradients(base_dir, evaluate_first: bool) -> dict:
+    """The LoRA gradients of one training step on a 4-bit model with random (non-zero) factors, with or
+    without an evaluation (eval mode, no gradients) before it."""
+    model, tok, _ = load_model(str(base_dir), quantize="4bit")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(**LORA, init_lora_weights=False))
+    batch = padded_batches([{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])}
+                            for r in lm_rows(tok, 4)], 4, tok.pad_token_id)[0]
+    if evaluate_first:
+        with torch.no_grad():
+            peft_model.eval()(**batch)
+    peft_model.train()(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def test_training_after_an_evaluation_still_backpropagates_through_the_4bit_layers(base_dir):
+    """bitsandbytes would repack the 4-bit weights at the evaluation for a CPU kernel without a backward
+    (on CPUs with AVX512-BF16), and the gradient through every base layer would be lost from then on."""
+    fresh, after_eval = lora_gradients(base_dir, False), lora_gradients(base_dir, True)
+    assert fresh.keys() == after_eval.keys() and fresh
+    for name in fresh:
+        torch.testing.assert_close(after_eval[name], fresh[name], rtol=1e-5, atol=1e-7)
+
+
+def test_finetune_on_a_4bit_base_and_the_adapter_loads_on_the_unquantised_one(base_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in question_records(40)))
+    out = tmp_path / "run"
+    assert run("finetune", "--model", base_dir, "--data", data, "--eval-split", 0.25, "--out", out, "--quantize",
+               "4bit", "--rank", R, "--max-steps", 6, "--batch-size", 4, "--lr", 1e-2, "--eval-every", 3,
+               "--quiet") == 0
+    args = json.loads((out / "args.json").read_text())
+    assert args["quantize"] == "4bit" and args["grad_mode"] == "sketch"
+    evals = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 3, 6] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    saved = load_file(out / "adapter_model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 12, 7, 20]])
+    base_logits = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, out)  # stock PEFT, a float32 base
+    loaded = {k: v for k, v in adapted.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved) == 28
+    for key, value in saved.items():
+        torch.testing.assert_close(loaded[key.replace(".weight", ".default.weight")], value, rtol=0, atol=0)
+    assert not torch.allclose(adapted(ids).logits, base_logits)  # the adapter acts
+    assert run("eval", "--model", base_dir, "--adapter", out, "--data", data, "--out", tmp_path / "e.json") == 0
+    assert run("eval", "--model", base_dir, "--adapter", out, "--data", data, "--out", tmp_path / "e4.json",
+               "--quantize", "4bit") == 0
+    full, four = (json.loads((tmp_path / f).read_text()) for f in ("e.json", "e4.json"))
+    assert abs(full["loss"] - four["loss"]) < 0.1 * full["loss"]  # one adapter, either base
+
+
+def test_the_callback_initialises_a_4bit_model_in_a_trainer(base_dir, tok, examples, tmp_path):
+    quantised, _, _ = load_model(str(base_dir), quantize="4bit")
+    reference_q = full_finetuning_gradients(dequantised(base_dir, quantised), examples)
+    step0 = Step0()
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=3, max_steps=1, learning_rate=1e-3,
+                             use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no", seed=0)
+    trainer = Trainer(model=get_peft_model(quantised, LoraConfig(**LORA)), args=args,
+                      train_dataset=Dataset.from_list(lm_rows(tok, N)),
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+                      callbacks=[LoraOneCallback(init_samples=N, gamma=GAMMA, grad_mode="sketch", sketch_passes=3),
+                                 step0])
+    trainer.train()
+    factors = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight"):
+               (step0.factors[n.replace(".lora_A.", ".lora_B.")], a)
+               for n, a in step0.factors.items() if ".lora_A." in n}
+    assert len(factors) == 14
+    assert_lora_one_step0(factors, reference_q, tol=2e-2)

@@ -231,6 +231,39 @@ def test_bound_trainer_takes_the_gradient_of_its_own_loss(base_dir, tok, tmp_pat
     assert max(float((unsmoothed[n] - expected[n]).norm() / expected[n].norm()) for n in layers) > 1e-2  # 100x the tolerance
 
 
+def test_gamma_search_and_gradient_cache_in_a_trainer(base_dir, tok, tmp_path):
+    """gamma=[...] takes the gradient on the first 5 drawn examples and searches on the next 5: each recorded
+    loss is the hand-written token loss on those of the step-0 model built from a dense SVD at that gamma, the
+    chosen gamma has the lowest, and the factors are the formula's at it. A second Trainer with the same cache_dir reads the gradient (no backward) and starts
+    from the same factors bit for bit."""
+    grid, runs = [1.0, 4.0, 16.0, 64.0], []
+    for run in ("first", "second"):
+        callback = LoraOneCallback(init_samples=5, gamma=grid, cache_dir=tmp_path / "cache")
+        trainer, recorder, _, after = train_stock(base_dir, tok, tmp_path / run, callback, steps=1)
+        trainer.train()
+        runs.append((callback.metadata, after.factors, recorder.examples("init", 10)))
+    (meta, factors, drawn), (meta2, factors2, _) = runs
+    assert len(drawn) == 10
+    assert (meta["gradient_cache"]["hit"], meta2["gradient_cache"]["hit"]) == (False, True)
+    assert factors.keys() == factors2.keys() and all(torch.equal(factors[k], factors2[k]) for k in factors)
+    gradients, expected = reference_gradients(base_dir, drawn[:5]), []
+    for gamma in grid:
+        model = lora_model(base_dir)
+        with torch.no_grad():
+            for name, layer in lora_layers(model).items():
+                U, S, Vh = torch.linalg.svd(-gradients[name].double(), full_matrices=False)
+                root = (S[: LORA["r"]] / (gamma * S[0])).sqrt()
+                layer.lora_B["default"].weight.copy_(U[:, : LORA["r"]] * root)
+                layer.lora_A["default"].weight.copy_(root[:, None] * Vh[: LORA["r"]])
+            expected.append(float(token_loss(model.eval(), drawn[5:])))
+            if gamma == meta["gamma"]:
+                chosen_products = products(model)
+    search = meta["gamma_search"]
+    assert search["losses"] == pytest.approx(expected, rel=1e-4)
+    assert search["chosen"] == meta["gamma"] == grid[expected.index(min(expected))]
+    assert_close_products(products(factors), {n: p.double() for n, p in chosen_products.items()})
+
+
 def test_sft_trainer_with_peft_config(base_dir, tok, tmp_path):
     from trl import SFTConfig, SFTTrainer
 

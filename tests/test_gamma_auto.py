@@ -1,5 +1,6 @@
 """gamma="auto": the line search over gamma, checked against step-0 models built the plain way (a fixed gamma)
-and a hand-written token-weighted loss; refusals; the search leaves the model as it found it."""
+and a hand-written token-weighted loss on the held-out examples that follow the init samples; refusals; the
+search leaves the model as it found it."""
 
 import math
 import warnings
@@ -11,6 +12,7 @@ from peft import LoraConfig
 
 from lora_one import LoraOneCallback, estimate_gradients, get_lora_one_model, init_lora_one
 from lora_one.errors import UsageError
+from lora_one.gradcache import hash_batches
 from lora_one.init import DEFAULT_GAMMA_GRID, parse_gamma, search_gamma
 
 GRID = [1.0, 4.0, 16.0, 64.0, 256.0]
@@ -33,14 +35,22 @@ def adapter(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
 
 
-def ragged(task):
-    """4 ragged examples in micro-batches of 3: right padding and a short last batch."""
-    return padded_batches(ragged_examples(task=task), 3)
+LENGTHS = (5, 9, 14, 7, 6, 11, 8, 10)  # 4 init examples, then 4 held out
 
 
-def build(make, batches, variant="lora-one", gamma=128.0, **config):
+def examples(task="causal"):
+    return ragged_examples(LENGTHS, task=task)
+
+
+def ragged(task="causal"):
+    """8 ragged examples in micro-batches of 3: right padding, a batch cut between the init samples and the
+    held-out ones, and a short last batch."""
+    return padded_batches(examples(task), 3)
+
+
+def build(make, batches, variant="lora-one", gamma=128.0, search_batches=None, **config):
     return get_lora_one_model(make(), LoraConfig(**{**CONFIG, **config}), batches, variant=variant, gamma=gamma,
-                              progress=False, num_samples=None)
+                              progress=False, num_samples=4, search_batches=search_batches)
 
 
 @pytest.mark.parametrize(("variant", "make", "task", "config"), [
@@ -48,14 +58,14 @@ def build(make, batches, variant="lora-one", gamma=128.0, **config):
     ("lora-one", tiny_bert, "cls", {"task_type": "SEQ_CLS"}),  # the loss: a mean over examples
 ])
 def test_search_picks_the_lowest_reference_loss_and_builds_the_fixed_gamma_adapter(variant, make, task, config):
-    batches = ragged(task)
-    expected = [reference_loss(build(make, batches, variant, g, **config), batches, task) for g in GRID]
+    batches, held_out = ragged(task), examples(task)[4:]
+    expected = [reference_loss(build(make, batches, variant, g, **config), held_out, task) for g in GRID]
     assert max(expected) - min(expected) > 1e-3  # the step matters: the argmin is not round-off
     auto = build(make, batches, variant, GRID, **config)
     search = auto.lora_one_metadata["gamma_search"]
-    assert search["grid"] == GRID
+    assert search["grid"] == GRID and search["samples"] == 4
     assert search["losses"] == pytest.approx(expected, rel=1e-5)
-    assert search["loss_without_step"] == pytest.approx(reference_loss(make(), batches, task), rel=1e-5)
+    assert search["loss_without_step"] == pytest.approx(reference_loss(make(), held_out, task), rel=1e-5)
     chosen = GRID[expected.index(min(expected))]
     assert search["chosen"] == chosen == auto.lora_one_metadata["gamma"]
     fixed = adapter(build(make, batches, variant, chosen, **config))
@@ -66,8 +76,9 @@ def test_search_picks_the_lowest_reference_loss_and_builds_the_fixed_gamma_adapt
 def test_dora_one_searches_the_exact_step0_model():
     """With DoRA the search resets the magnitude for each gamma, so its losses are those of the DoRA-One
     models built at each fixed gamma, and the adapter (magnitude included) is that of the chosen one."""
-    batches = ragged("causal")
-    expected = [reference_loss(build(tiny_llama, batches, gamma=g, use_dora=True), batches, "causal") for g in GRID]
+    batches = ragged()
+    expected = [reference_loss(build(tiny_llama, batches, gamma=g, use_dora=True), examples()[4:], "causal")
+                for g in GRID]
     auto = build(tiny_llama, batches, gamma=GRID, use_dora=True)
     search = auto.lora_one_metadata["gamma_search"]
     assert search["losses"] == pytest.approx(expected, rel=1e-5)
@@ -77,16 +88,38 @@ def test_dora_one_searches_the_exact_step0_model():
     assert got.keys() == fixed.keys() and all(torch.equal(got[k], fixed[k]) for k in fixed)
 
 
+def test_the_search_samples_are_the_held_out_ones_or_those_given():
+    """By default the examples after the init samples (the init's own would favour larger steps); the init
+    samples themselves with search_batches=batches; any batches given."""
+    batches = ragged()
+    held_out = build(tiny_llama, batches, gamma=GRID).lora_one_metadata
+    on_init = build(tiny_llama, batches, gamma=GRID, search_batches=batches).lora_one_metadata
+    given = padded_batches(examples()[4:], 4)
+    on_given = build(tiny_llama, batches, gamma=GRID, search_batches=given).lora_one_metadata
+    assert on_init["gamma_search"]["samples_sha256"] == on_init["init_samples_sha256"]
+    assert held_out["gamma_search"]["samples_sha256"] != held_out["init_samples_sha256"]
+    assert on_given["gamma_search"]["samples_sha256"] == hash_batches(given)
+    assert on_given["gamma_search"]["losses"] == pytest.approx(held_out["gamma_search"]["losses"], rel=1e-5)
+    init_model = build(tiny_llama, batches, gamma=GRID[0])
+    assert on_init["gamma_search"]["losses"][0] == pytest.approx(
+        reference_loss(init_model, examples()[:4], "causal"), rel=1e-5)
+    with pytest.raises(UsageError, match=r"judges each step on num_samples=4 training examples after the init "
+                                         r"samples, .* hold only 3 more; pass more batches, or search_batches="):
+        build(tiny_llama, ragged()[:-1] + [{k: v[:1] for k, v in ragged()[-1].items()}], gamma=GRID)
+    with pytest.raises(UsageError, match=r"gamma search with num_samples=None: .*pass search_batches="):
+        get_lora_one_model(tiny_llama(), LoraConfig(**CONFIG), batches, gamma="auto", num_samples=None)
+
+
 def test_auto_is_the_default_grid_with_128():
     assert 128.0 in DEFAULT_GAMMA_GRID and list(DEFAULT_GAMMA_GRID) == sorted(DEFAULT_GAMMA_GRID)
-    batches = ragged("causal")
+    batches = ragged()
     search = build(tiny_llama, batches, gamma="auto").lora_one_metadata["gamma_search"]
     assert search["grid"] == list(DEFAULT_GAMMA_GRID) and len(search["losses"]) == len(DEFAULT_GAMMA_GRID)
     assert search["seconds"] > 0
 
 
 def test_the_search_leaves_factors_and_modes_as_found():
-    batches = ragged("causal")
+    batches = ragged()
     model = build(tiny_llama, batches, gamma=16.0, use_dora=True)
     before = adapter(model)
     model.train()
@@ -99,7 +132,7 @@ def test_the_search_leaves_factors_and_modes_as_found():
 
 def test_a_non_finite_loss_is_recorded_as_none_and_never_wins():
     """A loss that overflows at the largest step (the smallest gamma, evaluated first): that gamma is skipped."""
-    batches = ragged("causal")
+    batches = ragged()
     model = build(tiny_llama, batches)
     G = estimate_gradients(tiny_llama(), batches, progress=False, num_samples=None)
     calls = []
@@ -117,7 +150,7 @@ def test_a_non_finite_loss_is_recorded_as_none_and_never_wins():
 
 
 def test_warnings_at_the_ends_of_the_grid():
-    batches = ragged("causal")
+    batches = ragged()
     with pytest.warns(UserWarning, match=r"grid's smallest \(the largest step\) gamma 1e\+06"):
         build(tiny_llama, batches, gamma=[1e6, 1e7])  # tiny steps: the larger one is better
     # small steps down the loss's gradient all raise its negative: the smallest step is the best, and no good
@@ -145,7 +178,7 @@ def test_variants_whose_step0_model_ignores_gamma_refuse_auto_before_any_work(va
 @pytest.mark.parametrize("gamma", ["fast", [], [0.0, 8.0], -1.0, math.inf, True, ["a"]])
 def test_bad_gamma_is_one_line(gamma):
     with pytest.raises(UsageError, match="gamma"):
-        get_lora_one_model(tiny_llama(), LoraConfig(**CONFIG), ragged("causal"), gamma=gamma)
+        get_lora_one_model(tiny_llama(), LoraConfig(**CONFIG), ragged(), gamma=gamma)
 
 
 def test_init_lora_one_takes_one_gamma():

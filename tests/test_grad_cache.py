@@ -21,6 +21,7 @@ HERE = Path(__file__).parent
 CONFIG = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}
 MODES = {"accumulate": ({}, 1), "sketch": ({"grad_mode": "sketch"}, 3), "single-batch": ({"grad_mode": "single-batch"}, 4)}
 GRID = [2.0, 8.0, 32.0, 128.0]
+LENGTHS = (5, 9, 14, 7, 6, 11, 8, 10)  # 4 init examples, 4 held out for the gamma search
 
 
 def adapter(model) -> dict[str, torch.Tensor]:
@@ -44,7 +45,7 @@ def counted(model):
 
 
 def init(batches, model=None, lora=CONFIG, **kwargs):
-    return get_lora_one_model(model or tiny_llama(), LoraConfig(**lora), batches, num_samples=None, **kwargs)
+    return get_lora_one_model(model or tiny_llama(), LoraConfig(**lora), batches, **{"num_samples": None, **kwargs})
 
 
 def entries(folder: Path) -> list[Path]:
@@ -88,11 +89,32 @@ def test_what_changes_the_gradient_is_another_entry_and_what_does_not_is_a_hit(t
         assert not model.lora_one_metadata["gradient_cache"]["hit"], what
     assert len(entries(tmp_path)) == 1 + len(misses)
     hits = {"another rank": {"lora": {**CONFIG, "r": 2}}, "another gamma": {"gamma": 16.0},
-            "another variant": {"variant": "spectral"}, "a gamma search": {"gamma": GRID},
+            "another variant": {"variant": "spectral"}, "a gamma search": {"gamma": GRID, "search_batches": batches},
             "another seed (accumulate)": {"seed": 5}}
     for what, kwargs in hits.items():
         model = init(**{"batches": batches, **kwargs}, cache_dir=tmp_path, progress=False)
         assert model.lora_one_metadata["gradient_cache"]["hit"], what
+
+
+def test_a_peft_model_counts_by_its_function(tmp_path):
+    """On a PeftModel (the Trainer callback's case) the gradient is taken at the model's function: a fresh
+    adapter's random A beside B = 0 is the base model, whatever A; a moved B is another model."""
+    from peft import get_peft_model
+
+    def peft(seed, move_b=False):
+        torch.manual_seed(seed)  # lora_A's Kaiming init
+        model = get_peft_model(tiny_llama(), LoraConfig(**CONFIG))
+        if move_b:
+            with torch.no_grad():
+                model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight[0, 0] = 1e-3
+        return model
+
+    hits = []
+    for model in (peft(0), peft(1), peft(1, move_b=True)):
+        cache = GradientCache(tmp_path)
+        estimate_gradients(model, lm_batches(n=4), progress=False, num_samples=None, cache_dir=cache)
+        hits.append(cache.last["hit"])
+    assert hits == [False, True, False]
 
 
 def _flip_a_byte(manifest, tensors):
@@ -175,7 +197,7 @@ def test_two_ranks_share_one_entry_and_match_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [[run["cache"]["hit"] for run in r] for r in ranks] == [[False, True], [False, True]]
     assert len(entries(tmp_path / "cache")) == 1
-    single = init(padded_batches(ragged_examples(), 2), gamma=GRID, progress=False)
+    single = init(padded_batches(ragged_examples(LENGTHS), 2), gamma=GRID, progress=False, num_samples=4)
     search = single.lora_one_metadata["gamma_search"]
     for r in ranks:
         for run in r:
@@ -193,10 +215,10 @@ def worker(out: Path) -> None:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    shard = padded_batches(ragged_examples()[rank::2], 1)  # 5 and 14 tokens, or 9 and 7
+    shard = padded_batches(ragged_examples(LENGTHS)[rank::2], 1)  # init 5 and 14 tokens, or 9 and 7; then held out
     runs = []
     for _ in range(2):
-        model = init(shard, gamma=GRID, progress=False, cache_dir=out / "cache")
+        model = init(shard, gamma=GRID, progress=False, cache_dir=out / "cache", num_samples=4)
         meta = model.lora_one_metadata
         runs.append({"adapter": adapter(model), "search": meta["gamma_search"], "cache": meta["gradient_cache"]})
     torch.save(runs, out / f"rank{rank}.pt")

@@ -6,9 +6,10 @@
     trainer.train()
 
 At `on_train_begin` (after the Trainer built its optimizer and prepared model and dataloader, before
-the first step) the callback draws `init_samples` examples from the trainer's own training dataloader,
-takes the one-step gradient of the LoRA layers' base weights (`estimate_gradients`) and writes
-`lora_A`/`lora_B` in place (`init_lora_one`). The optimizer holds those same Parameter objects and has
+the first step) the callback draws `init_samples` examples from the trainer's own training dataloader
+(with `gamma="auto"`, as many more after them, on which the line search judges the step), takes the
+one-step gradient of the LoRA layers' base weights (`estimate_gradients`) and writes `lora_A`/`lora_B`
+in place (`init_lora_one`). The optimizer holds those same Parameter objects and has
 no state yet, so nothing else needs to change. Resuming from a checkpoint (`state.global_step > 0`)
 keeps the factors the Trainer restored.
 """
@@ -34,7 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from lora_one.errors import UsageError
 from lora_one.files import write_text_atomic
 from lora_one.gradcache import GradientCache
-from lora_one.gradients import estimate_gradients
+from lora_one.gradients import estimate_gradients, init_and_held_out_samples
 from lora_one.gradients import init_samples as take_init_samples
 from lora_one.init import (
     NEEDS_GRADIENT,
@@ -73,7 +74,8 @@ class LoraOneCallback(TrainerCallback, ExportableState):
 
     Args mirror `get_lora_one_model` and the command line: `init_samples` (N, over all processes),
     `variant` (`lora-one`, `spectral` or `lora`), `gamma` (a number, `"auto"` or a list: the line search
-    of `search_gamma` on the drawn samples), `grad_mode` (`accumulate`, `single-batch`, `sketch`),
+    of `search_gamma` on the `init_samples` examples the dataloader yields after the init samples),
+    `grad_mode` (`accumulate`, `single-batch`, `sketch`),
     `sketch_passes`, `seed`, `svd`, `cache_dir` (the gradient cache, `lora_one.gradcache`; not with
     `bind`); `estimate_gradients` and `init_lora_one` check them when training starts. The
     base-changing variants are refused here: a Trainer saves only the adapter, not the rewritten base
@@ -146,10 +148,13 @@ class LoraOneCallback(TrainerCallback, ExportableState):
         t0 = time.perf_counter()
         cache = GradientCache(self.cache_dir) if self.cache_dir is not None else None
         with _rng_untouched(device):
-            batches, gradients = [], None
+            batches, held_out, gradients = [], [], None
             if self.variant in NEEDS_GRADIENT:
                 # this rank's share, read from its own (already sharded) dataloader and no further
-                batches = take_init_samples(train_dataloader, self.init_samples, device)
+                if gamma_grid(self.gamma, self.variant) is not None:
+                    batches, held_out = init_and_held_out_samples(train_dataloader, self.init_samples, device)
+                else:
+                    batches = take_init_samples(train_dataloader, self.init_samples, device)
                 gradients = estimate_gradients(
                     model, batches, progress=not args.disable_tqdm, mode=self.grad_mode,
                     rank=max(layer.r[adapter] for layer in lora_layers(model).values()), seed=self.seed,
@@ -157,7 +162,7 @@ class LoraOneCallback(TrainerCallback, ExportableState):
                 )
             t1 = time.perf_counter()
             stats, gamma, search = initialise_adapter(model, gradients, self.variant, self.gamma, self.svd,
-                                                      self.seed, adapter, batches, self._train_step())
+                                                      self.seed, adapter, held_out, self._train_step())
         t2 = time.perf_counter()
         self._initialised = weakref.ref(model)
         self.metadata = {

@@ -5,27 +5,29 @@ gradient up under a key before any backward, and stores it after computing it. T
 of a JSON of everything that fixes the result (`key_fields`):
 
 - the model: its class, a SHA-256 of its config, and a SHA-256 of the bytes of every parameter and
-  buffer (names, dtypes and shapes included). Exact, and the same on every device; it costs one read
-  of the weights (about 1 GB/s on one CPU core), which the gradient pass reads several times anyway.
+  buffer, names, dtypes and shapes included (a LoRA layer's factors count by their product `s B A`).
+  Exact and the same on every device; it costs one read of the weights (about 1 GB/s on one CPU core).
   A path or a name would not do: a fresh classifier head, a fitted probe head or weights changed in
   place give another gradient from the same checkpoint;
-- the target layers and their shapes; the init samples (`hash_batches`, one hash per rank, so another
-  split of the samples over the ranks is another entry); the memory mode, and what shapes the result
-  in that mode (`single-batch`: the SVD's seed; `sketch`: seed, passes, oversampling);
+- the target layers and their shapes; the init samples (`hash_batches` of each rank's micro-batches, so
+  another micro-batching or another split over the ranks, whose `G` is equal only to round-off, is
+  another entry); the memory mode, and what shapes the result in that mode (`single-batch`: the SVD's
+  seed; `sketch`: seed, passes, oversampling);
 - what changes the rounding: the device type, an autocast dtype, and the torch, transformers and
   lora-one versions.
 
 A custom `train_step` cannot be told apart from another, so it is refused with a cache.
 
-An entry is two files, written atomically (`lora_one.files.replacing`), the manifest last: `KEY.safetensors`
-(`accumulate`: `G` per layer; `single-batch` and `sketch`: the top-r SVD, `LAYER/U`, `/S`, `/Vh`) and
-`KEY.json` (the key's fields, what the entry holds and the SHA-256 of the tensor file). A read checks
+An entry is two files, each written atomically (`lora_one.files.replacing`), the manifest removed first
+and written last: `KEY.safetensors` (`accumulate`: `G` per layer; `single-batch` and `sketch`: the top-r
+SVD, `LAYER/U`, `/S`, `/Vh`) and `KEY.json` (the key's fields, what the entry holds and the SHA-256 of
+the tensor file). A read checks
 the manifest's fields against the key's and the tensor file against its checksum; a damaged entry is
 never used: a one-line warning, the gradient is recomputed and the entry rewritten. A top-r SVD
 serves every rank up to r (its first triplets: as accurate as a fresh smaller sketch or more, though
 not bit-identical to one); a larger rank recomputes and replaces the entry. Under `torch.distributed`
-every rank reads, all recompute unless every rank found the entry, and rank 0 writes; no rank waits
-for a file, so nothing can hang.
+every rank passes the same folder and reads it (hits need a folder all ranks see), all recompute unless
+every rank found the entry, and rank 0 writes; no rank waits for a file, so nothing can hang.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from lora_one.errors import UsageError
 from lora_one.files import replacing, write_text_atomic
 from lora_one.parallel import all_reduce_sum, distributed, is_main_process, world_size
 from lora_one.spectral import TopSVD
-from lora_one.targets import base_model_of
+from lora_one.targets import base_model_of, lora_layers
 
 FORMAT = "lora-one gradient cache"
 FORMAT_VERSION = 1
@@ -75,11 +77,24 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def weights_sha256(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer of `model` (tied ones once), with their names, dtypes and shapes."""
+    """SHA-256 of every parameter and buffer of `model` (tied ones once), with their names, dtypes and shapes.
+    A LoRA layer counts by what it adds to its weight, `s B A` per adapter, not by its factors: a fresh adapter's
+    random `A` beside `B = 0` changes neither the function nor the gradient (the Trainer callback's case)."""
     h = hashlib.sha256()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+
+    def add(name: str, t: torch.Tensor) -> None:
         h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
         h.update(_tensor_bytes(t))
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if ".lora_A." not in name and ".lora_B." not in name:
+            add(name, t)
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            for adapter in sorted(layer.lora_A):
+                add(f"{name}.{adapter}.delta", layer.scaling[adapter] * (layer.lora_B[adapter].weight.float()
+                                                                         @ layer.lora_A[adapter].weight.float()))
+    h.update(repr(getattr(model, "active_adapters", None)).encode())
     return h.hexdigest()
 
 
@@ -224,7 +239,7 @@ class GradientCache:
                     "tensors_sha256": checksum, "rank": None if fields["mode"] == "accumulate" else rank}
             write_text_atomic(manifest, json.dumps(meta, indent=1, sort_keys=True) + "\n")  # last: marks it complete
             written = True
-        except OSError as e:
+        except (OSError, UsageError) as e:  # raised on rank 0 alone: the other ranks must not wait for it
             warnings.warn(f"could not write the gradient cache entry {tensors} ({e}); the run goes on without it.",
                           stacklevel=3)
         self.last = {"entry": str(tensors), "hit": False, "written": written}

@@ -270,18 +270,37 @@ def examples_in(batch: Mapping) -> int:
     raise UsageError(f"A batch holds no tensor with a batch dimension (keys {sorted(batch)}); pass model inputs.")
 
 
-def _head(batch: Mapping, n: int, rows: int) -> dict:
-    """The first `n` of a batch's `rows` examples: every tensor with that leading dimension, sliced."""
+def _rows(batch: Mapping, start: int, stop: int, rows: int) -> dict:
+    """Examples `start:stop` of a batch's `rows`: every tensor with that leading dimension, sliced."""
     return {
-        k: v[:n] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v for k, v in batch.items()
+        k: v[start:stop] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v
+        for k, v in batch.items()
     }
 
 
-def _take(batches: Iterable[Mapping], num_samples: int | None) -> list[dict]:
-    """This rank's share of `num_samples` examples over all ranks, read from its own `batches` up to
-    there and no further (all of them with `None`); the first `num_samples % world` ranks take one more."""
+class _Reader:
+    """One pass over `batches`; a batch cut at the end of one share keeps its other examples for the next."""
+
+    def __init__(self, batches: Iterable[Mapping]):
+        self.batches, self.rest = iter(batches), None
+
+    def __iter__(self):
+        while True:
+            if self.rest is not None:
+                batch, self.rest = self.rest, None
+            else:
+                batch = next(self.batches, None)
+                if batch is None:
+                    return
+            yield batch
+
+
+def _take(reader: _Reader, num_samples: int | None, held_out: bool = False) -> list[dict]:
+    """This rank's share of `num_samples` examples over all ranks, read from its own batches up to
+    there and no further (all of them with `None`); the first `num_samples % world` ranks take one more.
+    `held_out`: the share that follows the init samples, for the gamma search (only the message differs)."""
     if num_samples is None:
-        samples = list(batches)
+        samples = list(reader)
         for batch in samples:
             examples_in(batch)
         return samples
@@ -293,14 +312,24 @@ def _take(batches: Iterable[Mapping], num_samples: int | None) -> list[dict]:
     share = num_samples // world + (me < num_samples % world)
     samples, have = [], 0
     if share:  # a rank whose share is 0 reads nothing
-        for batch in batches:
+        for batch in reader:
             rows = examples_in(batch)
-            samples.append(batch if have + rows <= share else _head(batch, share - have, rows))
+            if have + rows <= share:
+                samples.append(batch)
+            else:
+                samples.append(_rows(batch, 0, share - have, rows))
+                reader.rest = _rows(batch, share - have, rows, rows)
             have = min(have + rows, share)
             if have == share:
                 break
     if have < share:
         where = f" asks this rank for {share} of them (over {world} ranks)," if world > 1 else ","
+        if held_out:
+            raise UsageError(
+                f"The gamma search judges each step on num_samples={num_samples} training examples after the init "
+                f"samples, held out from the gradient{where} but the batches hold only {have} more; pass more "
+                "batches, or search_batches=... (search_batches=batches: on the init samples themselves)."
+            )
         raise UsageError(
             f"num_samples={num_samples}{where} but the batches hold only {have} examples; pass more "
             "batches or lower num_samples (None uses every example given)."
@@ -312,7 +341,17 @@ def init_samples(batches: Iterable[Mapping], num_samples: int | None, device: to
     """`estimate_gradients`' samples, as a list: this rank's share of `num_samples` examples of
     `batches` (every example with `None`). A `UsageError` is raised on every rank alike."""
     with raise_together(device):
-        return _take(batches, num_samples)
+        return _take(_Reader(batches), num_samples)
+
+
+def init_and_held_out_samples(batches: Iterable[Mapping], num_samples: int, device: torch.device
+                              ) -> tuple[list[dict], list[dict]]:
+    """`init_samples`, then as many examples that follow them in `batches` (this rank's share of
+    `num_samples` again; a batch cut between the two is split), in one pass: the gamma search judges
+    the step on examples it was not fitted to."""
+    with raise_together(device):
+        reader = _Reader(batches)
+        return _take(reader, num_samples), _take(reader, num_samples, held_out=True)
 
 
 def _shifts_labels(model: nn.Module) -> bool:
@@ -505,7 +544,7 @@ def estimate_gradients(
 
     shifted = _shifts_labels(model)
     with raise_together(device):
-        samples = _take(batches, num_samples)
+        samples = _take(_Reader(batches), num_samples)
         terms = [_loss_terms(b, shifted, train_step) for b in samples]
         if collector_cls.reduces_in_backward and len(samples) != 1:
             raise UsageError(

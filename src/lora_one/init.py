@@ -5,9 +5,11 @@ The two-phase API follows PEFT's data-driven inits: `estimate_gradients` (step 1
 implementations behind the same front door; `lora` is PEFT's default init.
 
 `gamma="auto"` (or a list of values) chooses the step by a line search (`search_gamma`): the loss of the
-step-0 model at each gamma of a log grid, forward passes only, on the init samples; the lowest wins.
-Every factor of `lora-one` and `spectral` is `gamma**-1/2` times a matrix of the SVD alone, so one SVD
-serves the whole grid.
+step-0 model at each gamma of a log grid, forward passes only, on as many training examples as the init
+used, the ones that follow the init samples (held out from the gradient: on the init samples themselves
+the fitted step looks better than it is, and larger steps win; benchmarks/results/gamma_auto.txt); the
+lowest wins. Every factor of `lora-one` and `spectral` is `gamma**-1/2` times a matrix of the SVD alone,
+so one SVD serves the whole grid.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from lora_one.gradients import (
     TrainStep,
     estimate_gradients,
     examples_in,
+    init_and_held_out_samples,
     init_samples,
     loss_sum,
 )
@@ -256,10 +259,11 @@ def search_gamma(
     train_step: TrainStep | None = None,
 ) -> dict:
     """The line search of `gamma="auto"`: for each gamma of `grid` (`"auto"`: `DEFAULT_GAMMA_GRID`), the
-    loss of the step-0 model that `init_lora_one` would write (DoRA's magnitude reset too), on `batches`:
-    forward passes only, in eval mode, the loss `estimate_gradients` differentiates (the mean over all
-    loss terms, of all ranks; `train_step` as there). Returns `{"grid", "losses", "loss_without_step",
-    "chosen", "seconds"}`: `chosen` has the lowest loss (a non-finite loss, recorded as None, never
+    loss of the step-0 model that `init_lora_one` would write (DoRA's magnitude reset too), on `batches`
+    (training examples held out from the gradient, as `get_lora_one_model` takes them; this rank's own
+    under `torch.distributed`): forward passes only, in eval mode, the loss `estimate_gradients`
+    differentiates (the mean over all loss terms, of all ranks; `train_step` as there). Returns `{"grid", "losses", "loss_without_step",
+    "chosen", "samples", "samples_sha256", "seconds"}`: `chosen` has the lowest loss (a non-finite loss, recorded as None, never
     wins); `loss_without_step` is the base model's. The adapter is left as it was found. Warns when the
     lowest loss lies at an end of the grid, or above the loss without a step."""
     t0 = time.perf_counter()
@@ -299,16 +303,18 @@ def search_gamma(
     if len(grid) > 1 and chosen in (grid[0], grid[-1]):
         side = "smallest (the largest step)" if chosen == grid[0] else "largest (the smallest step)"
         warnings.warn(f"gamma search: the lowest loss is at the grid's {side} gamma {chosen:g}; the best gamma may "
-                      "lie beyond it: pass a grid that reaches further (gamma=[...]).", stacklevel=2)
+                      "lie beyond it: pass a grid that reaches further (gamma=[...]).", stacklevel=3)
     if without_step is not None and best >= without_step:
         warnings.warn(f"gamma search: no gamma of the grid lowers the loss below the model's without a step "
-                      f"({best:.4g} >= {without_step:.4g}).", stacklevel=2)
+                      f"({best:.4g} >= {without_step:.4g}).", stacklevel=3)
+    local = torch.tensor([sum(examples_in(b) for b in batches)], device=device)
     return {"grid": list(grid), "losses": losses, "loss_without_step": without_step, "chosen": chosen,
+            "samples": int(all_reduce_sum(local).item()), "samples_sha256": hash_batches(batches),
             "seconds": round(time.perf_counter() - t0, 4)}
 
 
 def initialise_adapter(peft_model: PeftModel, gradients, variant: str, gamma, svd: str, seed: int, adapter: str,
-                batches: list[Mapping], train_step: TrainStep | None) -> tuple[list[dict], float, dict | None]:
+                       batches: list[Mapping], train_step: TrainStep | None) -> tuple[list[dict], float, dict | None]:
     """`init_lora_one` at `gamma`, or at the gamma `search_gamma` picks on `batches` when `gamma` asks for
     a search (one SVD for both). Returns the layer statistics, the gamma used and the search's record."""
     if gamma_grid(gamma, variant) is None:
@@ -385,6 +391,7 @@ def get_lora_one_model(
     num_samples: int | None = DEFAULT_NUM_SAMPLES,
     train_step: TrainStep | None = None,
     cache_dir: str | os.PathLike | None = None,
+    search_batches: Iterable[Mapping] | None = None,
 ) -> PeftModel:
     """Estimate the one-step gradient on `batches`, wrap `model` with PEFT, initialise the adapter.
 
@@ -393,21 +400,36 @@ def get_lora_one_model(
     its `passes`, default 2) on `num_samples` examples of `batches` over all ranks (default 8; `None`:
     all of them) and with `train_step`, both as `estimate_gradients` takes them. Under
     `torch.distributed`, each rank passes its own batches and gets the same adapter.
-    `gamma="auto"` (or a list of values) picks gamma by `search_gamma` on the init samples
-    (`lora-one`, `spectral`). `cache_dir`: a folder where the gradient is stored, and read back by a
-    later call with the same model, samples and gradient settings, skipping the backward
-    (`lora_one.gradcache`).
+    `gamma="auto"` (or a list of values) picks gamma by `search_gamma` (`lora-one`, `spectral`) on
+    `search_batches`, by default the `num_samples` examples that follow the init samples in `batches`
+    (read in the same pass; `search_batches=batches` searches on the init samples themselves).
+    `cache_dir`: a folder where the gradient is stored, and read back by a later call with the same
+    model, samples and gradient settings, skipping the backward (`lora_one.gradcache`).
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
     The LoRA-One variants expect `use_rslora=True` (the spec's default) and warn without it.
     """
     check_variant(variant)
-    gamma_grid(gamma, variant)  # a bad gamma fails before any work
+    searching = gamma_grid(gamma, variant) is not None  # a bad gamma fails before any work
+    if searching and search_batches is None and num_samples is None:
+        raise UsageError(
+            "gamma search with num_samples=None: every example of batches is an init sample, and the search "
+            "judges the step on other training examples; pass search_batches=... (search_batches=batches: on the "
+            "init samples themselves), or a number of init samples."
+        )
     warn_without_rslora(variant, lora_config.use_rslora, stacklevel=3)
     for name, linear in find_target_linears(model, lora_config.target_modules).items():
         check_rank((linear.out_features, linear.in_features), lora_config.r, f"layer {name!r}")
     device = next(model.parameters()).device  # NCCL reduces on the GPU
     # taken once, so that the sidecar records exactly the samples of the gradient
-    batches = init_samples(batches, num_samples, device) if batches is not None else []
+    if batches is None:
+        batches = []
+    elif searching and search_batches is None:  # the examples after the init samples, held out from G
+        batches, search_batches = init_and_held_out_samples(batches, num_samples, device)
+    else:
+        on_init_samples = search_batches is batches
+        batches = init_samples(batches, num_samples, device)
+        if searching:
+            search_batches = batches if on_init_samples else init_samples(search_batches, None, device)
     gradients, cache = None, GradientCache(cache_dir) if cache_dir is not None else None
     t0 = time.perf_counter()
     if variant in NEEDS_GRADIENT:
@@ -419,8 +441,8 @@ def get_lora_one_model(
     grad_seconds = time.perf_counter() - t0
     peft_model = _wrap(model, lora_config, adapter_name, seed)
     t1 = time.perf_counter()  # the SVD phase starts after PEFT's wrapping
-    stats, gamma, search = initialise_adapter(peft_model, gradients, variant, gamma, svd, seed, adapter_name, batches,
-                                       train_step)
+    stats, gamma, search = initialise_adapter(peft_model, gradients, variant, gamma, svd, seed, adapter_name,
+                                              search_batches, train_step)
     svd_seconds = time.perf_counter() - t1 - (search["seconds"] if search else 0.0)
     peft_model.lora_one_metadata = init_metadata(
         variant, gamma, svd, grad_mode, sketch_passes, seed, batches, device, grad_seconds, svd_seconds, stats,

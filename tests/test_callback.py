@@ -234,8 +234,8 @@ def test_bound_trainer_takes_the_gradient_of_its_own_loss(base_dir, tok, tmp_pat
 def test_gamma_search_and_gradient_cache_in_a_trainer(base_dir, tok, tmp_path):
     """gamma=[...] takes the gradient on the first 5 drawn examples and searches on the next 5: each recorded
     loss is the hand-written token loss on those of the step-0 model built from a dense SVD at that gamma, the
-    chosen gamma has the lowest, and the factors are the formula's at it. A second Trainer with the same cache_dir reads the gradient (no backward) and starts
-    from the same factors bit for bit."""
+    chosen gamma has the lowest, and the factors are the formula's at it. A second Trainer with the same
+    cache_dir reads the gradient (no backward) and starts from the same factors bit for bit."""
     grid, runs = [1.0, 4.0, 16.0, 64.0], []
     for run in ("first", "second"):
         callback = LoraOneCallback(init_samples=5, gamma=grid, cache_dir=tmp_path / "cache")

@@ -117,6 +117,32 @@ def test_a_peft_model_counts_by_its_function(tmp_path):
     assert hits == [False, True, False]
 
 
+def test_a_quantised_base_hits_and_its_scales_are_part_of_the_key(tmp_path):
+    """A 4-bit base (sketch mode): a second load hits with the same SVD bit for bit; the same packed weights
+    with one changed quantisation scale are another model."""
+    pytest.importorskip("bitsandbytes")
+    from tiny_models import tiny_llama as tiny_llama_folder
+
+    from lora_one.models import load_model
+
+    folder = tiny_llama_folder(tmp_path / "model")
+    batches = [{"input_ids": b["input_ids"] % 30, "labels": torch.where(b["labels"] < 0, -100, b["labels"] % 30)}
+               for b in lm_batches(n=4)]  # the folder's vocabulary is smaller
+
+    def sketch(scale_moved=False):
+        model = load_model(str(folder), "causal-lm", quantize="4bit")[0]
+        if scale_moved:
+            model.model.layers[0].mlp.up_proj.weight.quant_state.absmax[0] += 1
+        cache = GradientCache(tmp_path / "cache")
+        out = estimate_gradients(model, batches, mode="sketch", rank=4, num_samples=None, progress=False,
+                                 cache_dir=cache)
+        return out, cache.last["hit"]
+
+    (first, hit1), (second, hit2), (_, hit3) = sketch(), sketch(), sketch(scale_moved=True)
+    assert (hit1, hit2, hit3) == (False, True, False)
+    assert all(torch.equal(first[n].U, second[n].U) and torch.equal(first[n].S, second[n].S) for n in first)
+
+
 def _flip_a_byte(manifest, tensors):
     data = bytearray(tensors.read_bytes())
     data[-5] ^= 1  # in the last tensor's data, past the header

@@ -4,8 +4,9 @@
 gradient up under a key before any backward, and stores it after computing it. The key is the SHA-256
 of a JSON of everything that fixes the result (`key_fields`):
 
-- the model: its class, a SHA-256 of its config, and a SHA-256 of the bytes of every parameter and
-  buffer, names, dtypes and shapes included (a LoRA layer's factors count by their product `s B A`).
+- the model: its class, a SHA-256 of its config, and a SHA-256 of the bytes of its state dict (every
+  parameter and persistent buffer, a quantised weight's scales), names, dtypes and shapes included (a
+  LoRA layer's factors count by their product `s B A`).
   Exact and the same on every device; it costs one read of the weights (about 1 GB/s on one CPU core).
   A path or a name would not do: a fresh classifier head, a fitted probe head or weights changed in
   place give another gradient from the same checkpoint;
@@ -77,16 +78,18 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def weights_sha256(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer of `model` (tied ones once), with their names, dtypes and shapes.
-    A LoRA layer counts by what it adds to its weight, `s B A` per adapter, not by its factors: a fresh adapter's
-    random `A` beside `B = 0` changes neither the function nor the gradient (the Trainer callback's case)."""
+    """SHA-256 of every entry of `model.state_dict()` (parameters, persistent buffers, and what a quantised
+    weight keeps beside its packed bytes: bitsandbytes' scales and quantisation state), with their names,
+    dtypes and shapes. A LoRA layer counts by what it adds to its weight, `s B A` per adapter, not by its
+    factors: a fresh adapter's random `A` beside `B = 0` changes neither the function nor the gradient (the
+    Trainer callback's case)."""
     h = hashlib.sha256()
 
     def add(name: str, t: torch.Tensor) -> None:
         h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
         h.update(_tensor_bytes(t))
 
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    for name, t in model.state_dict().items():
         if ".lora_A." not in name and ".lora_B." not in name:
             add(name, t)
     with torch.no_grad():

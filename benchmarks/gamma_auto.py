@@ -133,7 +133,8 @@ def case(task: str, seed: int) -> dict:
 def summary(rows: list[dict]) -> str:
     """Per task, means over the seeds: validation loss at each choice of gamma, and the search's cost."""
     choices = {"no step": None, "gamma 128": "gamma 128", "auto on init samples": "init (default grid)",
-               "auto on held-out samples": "held_out (default grid)", "best on val (default grid)": "val (default grid)",
+               "auto on held-out samples": "held_out (default grid)",
+               "best on val (default grid)": "val (default grid)",
                "best on val (wide grid)": "val (wide grid)"}
     lines = ["step-0 validation loss (mean over seeds; chosen gammas per seed in brackets) and the search's cost",
              "", f"| task | {' | '.join(choices)} | search s | search / init | search / (init + training) |",
@@ -142,7 +143,8 @@ def summary(rows: list[dict]) -> str:
         mine = [r for r in rows if r["task"] == task]
         cells = []
         for key in choices.values():
-            loss = statistics.mean(r["loss_without_step"]["val"] if key is None else r["val_loss_at"][key] for r in mine)
+            loss = statistics.mean(r["loss_without_step"]["val"] if key is None else r["val_loss_at"][key]
+                                   for r in mine)
             gammas = ", ".join(f"{r['chosen'][key]:g}" for r in mine) if key in mine[0]["chosen"] else ""
             picked = f" ({gammas})" if gammas else ""
             cells.append(f"{loss:.3f}{picked}")
@@ -176,7 +178,8 @@ def main() -> None:
                   f"gamma 128 val {v['gamma 128']:.3f} | best on val (wide) {row['chosen']['val (wide grid)']:>6g} "
                   f"val {v['val (wide grid)']:.3f} | without step {row['loss_without_step']['val']:.3f} | "
                   f"search {row['search_seconds']:.1f} s = {100 * row['search_share_of_init']:.0f}% of the init, "
-                  f"{100 * row['search_share_of_run']:.1f}% of a demo run's init and training", file=sys.stderr, flush=True)
+                  f"{100 * row['search_share_of_run']:.1f}% of a demo run's init and training", file=sys.stderr,
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from lora_one.gradcache import GradientCache
 
 HERE = Path(__file__).parent
 CONFIG = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}
-MODES = {"accumulate": ({}, 1), "sketch": ({"grad_mode": "sketch"}, 3), "single-batch": ({"grad_mode": "single-batch"}, 4)}
+MODES = {"accumulate": ({}, 1), "sketch": ({"grad_mode": "sketch"}, 3),
+         "single-batch": ({"grad_mode": "single-batch"}, 4)}  # mode: (settings, micro-batch size)
 GRID = [2.0, 8.0, 32.0, 128.0]
 LENGTHS = (5, 9, 14, 7, 6, 11, 8, 10)  # 4 init examples, 4 held out for the gamma search
 

@@ -61,8 +61,8 @@ _SVD_PARTS = ("U", "S", "Vh")
 
 
 def hash_batches(batches: Iterable[Mapping]) -> str:
-    """SHA-256 of the tensors of the init batches (key, dtype, shape and bytes of each), to record which
-    samples made the init."""
+    """SHA-256 of the tensors of micro-batches (key, dtype, shape and bytes of each), to record which
+    samples made the init (and judged its gamma)."""
     h = hashlib.sha256()
     for batch in batches:
         for key in sorted(batch):
@@ -101,6 +101,12 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _config_sha256(config: transformers.PreTrainedConfig) -> str:
+    """SHA-256 of the config's settings, not of where it was read from."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def key_fields(model: nn.Module, targets: Mapping[str, nn.Module], samples: list[Mapping], mode: str, seed: int,
                oversample: int | None, passes: int) -> dict:
     """What fixes `estimate_gradients`' result (module docstring). Collective under `torch.distributed`."""
@@ -110,8 +116,7 @@ def key_fields(model: nn.Module, targets: Mapping[str, nn.Module], samples: list
     fields = {
         "model": {
             "class": f"{type(base).__module__}.{type(base).__qualname__}",
-            "config_sha256": hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
-            if isinstance(config, transformers.PreTrainedConfig) else None,
+            "config_sha256": _config_sha256(config) if isinstance(config, transformers.PreTrainedConfig) else None,
             "weights_sha256": weights_sha256(model),
         },
         "targets": {n: [m.out_features, m.in_features] for n, m in targets.items()},

@@ -262,10 +262,12 @@ def search_gamma(
     loss of the step-0 model that `init_lora_one` would write (DoRA's magnitude reset too), on `batches`
     (training examples held out from the gradient, as `get_lora_one_model` takes them; this rank's own
     under `torch.distributed`): forward passes only, in eval mode, the loss `estimate_gradients`
-    differentiates (the mean over all loss terms, of all ranks; `train_step` as there). Returns `{"grid", "losses", "loss_without_step",
-    "chosen", "samples", "samples_sha256", "seconds"}`: `chosen` has the lowest loss (a non-finite loss, recorded as None, never
-    wins); `loss_without_step` is the base model's. The adapter is left as it was found. Warns when the
-    lowest loss lies at an end of the grid, or above the loss without a step."""
+    differentiates (the mean over all loss terms, of all ranks; `train_step` as there).
+
+    Returns `{"grid", "losses", "loss_without_step", "chosen", "samples", "samples_sha256", "seconds"}`:
+    `chosen` has the lowest loss (a non-finite loss, recorded as None, never wins); `loss_without_step`
+    is the base model's; `samples` counts the examples over all ranks. The adapter is left as it was
+    found. Warns when the lowest loss lies at an end of the grid, or above the loss without a step."""
     t0 = time.perf_counter()
     grid = gamma_grid(grid, variant)
     if grid is None:

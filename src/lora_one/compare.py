@@ -72,7 +72,7 @@ CHOSEN = {
 AFTER_STEP0 = ("lr", "precondition", "prec_reg", "lora_plus_ratio", "schedule", "warmup_steps", "warmup_ratio",
                "weight_decay", "batch_size", "grad_accum", "epochs", "max_steps", "max_grad_norm", "eval_every",
                "save_every", "gradient_checkpointing", "out", "overwrite", "resume", "quiet", "report_to",
-               "push_to_hub", "hub_model_id", "base_model_name")
+               "push_to_hub", "hub_model_id", "base_model_name", "grad_cache")
 _FINETUNE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneSettings)}
 
 

@@ -572,3 +572,18 @@ def init_batches(features: list[dict], n: int, batch_size: int, seed: int, pad_i
         raise UsageError(f"--init-samples and --init-batch-size must be >= 1 (got {n}, {batch_size}).")
     picked = [features[i] for i in init_sample_indices(len(features), n, seed)]
     return [collate(picked[i : i + batch_size], pad_id) for i in range(0, n, batch_size)]
+
+
+def search_batches(features: list[dict], n: int, batch_size: int, seed: int, pad_id: int,
+                   part: tuple[int, int] = (0, 1)) -> list[dict]:
+    """The `n` training examples a gamma search judges the init step on: drawn with `seed` from those
+    that are not init samples (the step fitted to its own samples looks better there than it is), in
+    batches of `batch_size` (forward passes only); `part = (index, count)` takes one process's share."""
+    init = set(init_sample_indices(len(features), n, seed))
+    rest = [i for i in range(len(features)) if i not in init]
+    if n > len(rest):
+        raise UsageError(f"a --gamma search needs {n} training records besides the {n} init samples, and there are "
+                         f"{len(rest)}; lower --init-samples or give --gamma a number.")
+    index, count = part
+    picked = [features[i] for i in random.Random(seed + 1).sample(rest, n)][index::count]
+    return [collate(picked[i : i + batch_size], pad_id) for i in range(0, len(picked), batch_size)]

@@ -46,7 +46,7 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lora_one import embedded_data
-from lora_one.data import collate, init_batches, init_sample_indices, read_records
+from lora_one.data import collate, init_batches, init_sample_indices, read_records, search_batches
 from lora_one.errors import UsageError
 from lora_one.evaluate import choices_of, make_evaluator
 from lora_one.files import ADAPTER, check_out_folder, check_writable, remove_ours, replacing, write_text_atomic
@@ -57,7 +57,7 @@ from lora_one.optim import create_optimizer
 from lora_one.parallel import all_reduce_sum, is_main_process, process_index
 from lora_one.plots import plot_loss
 from lora_one.probe import probe_head
-from lora_one.runs import base_model_name_of, complete_model_settings, load_task_data, lora_config_of
+from lora_one.runs import base_model_name_of, complete_model_settings, gamma_line, load_task_data, lora_config_of
 from lora_one.save import SIDECAR, save_adapter
 from lora_one.settings import FinetuneSettings, as_dict
 
@@ -66,7 +66,7 @@ METRICS = "metrics.jsonl"
 STEP0 = "lora_one_step0.safetensors"
 # Settings that may change between a run and its --resume without changing the result.
 RESUME_FREE = ("resume", "overwrite", "save_every", "quiet", "eval_batch_size", "device", "offload",
-               "base_model_name", "report_to", "push_to_hub", "hub_model_id")
+               "base_model_name", "report_to", "push_to_hub", "hub_model_id", "grad_cache")
 # What a Trainer checkpoint folder holds (rng_state_N.pth: one per process).
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "optimizer.pt", "scheduler.pt",
                     "scaler.pt", "rng_state*.pth", TRAINER_STATE_NAME, "training_args.bin", SIDECAR)
@@ -131,7 +131,7 @@ def _check_out_dir(out: Path, s: FinetuneSettings) -> None:
     if s.resume:
         if not (out / ARGS).is_file():
             raise UsageError(f"--resume: {str(out)!r} holds no run (no {ARGS}); start it without --resume.")
-        saved, current = json.loads((out / ARGS).read_text()), as_dict(s)
+        saved, current = json.loads((out / ARGS).read_text()), json.loads(json.dumps(as_dict(s)))  # tuples: lists
         differ = [f"{k} {saved.get(k)!r} there, {current.get(k)!r} now"
                   for k in sorted(set(saved) | set(current))
                   if k not in RESUME_FREE and saved.get(k) != current.get(k)]
@@ -420,6 +420,11 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
     world = targs.world_size
     model.to(targs.device)
     pad_id = tokenizer.pad_token_id
+    if not s.resume:  # drawn now, so that too few records is refused before anything is written
+        batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, pad_id)
+        batches = batches[process_index() :: world]  # this process's share of the init samples
+        search = (search_batches(feats, s.init_samples, s.eval_batch_size, s.seed, pad_id, (process_index(), world))
+                  if s.gamma_search else None)
     if not s.resume and main:  # only now that model and data are known to load
         remove_ours(out, RUN_FILES)
         write_text_atomic(out / ARGS, json.dumps(as_dict(s), indent=2) + "\n")
@@ -437,18 +442,19 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
         if task == CLASSIFICATION and s.head_init == "probe":
             probe_info = probe_head(model, feats, pad_id, s.probe_samples, s.seed, s.probe_l2)
         probe_seconds = time.perf_counter() - t0
-        batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, pad_id)
-        batches = batches[process_index() :: world]  # this process's share of the init samples
         peft_model = get_lora_one_model(
             model, lora_config_of(s, task), batches, variant=s.variant, gamma=s.gamma, svd=s.svd, seed=s.seed,
             progress=not s.quiet, grad_mode=s.grad_mode, offload=s.offload, sketch_passes=s.sketch_passes,
             num_samples=None,  # the shares hold exactly --init-samples
+            cache_dir=s.grad_cache, search_batches=search,
         )
         peft_model.lora_one_metadata["probe"] = probe_info
         if main:
             _save_step0(out / STEP0, lora_one_state(peft_model))
     init_seconds = time.perf_counter() - t0
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    if main and "gamma_search" in peft_model.lora_one_metadata:
+        print(gamma_line(peft_model.lora_one_metadata), flush=True)
     if main:
         print(f"{s.variant}{' + preconditioner' if s.precondition else ''}: init {init_seconds:.1f} s "
               f"(probe {probe_seconds:.1f} s), {trainable:,} trainable parameters", flush=True)

@@ -166,8 +166,8 @@ class GradientCache:
         key = _key(fields)
         return self.folder / f"{key}.json", self.folder / f"{key}.safetensors"
 
-    def lookup(self, fields: dict, rank: int | None, targets: Mapping[str, nn.Module], offload: bool,
-               progress: bool) -> dict[str, torch.Tensor | TopSVD] | None:
+    def lookup(self, fields: dict, rank: int | None, targets: Mapping[str, nn.Module],
+               offload: bool) -> dict[str, torch.Tensor | TopSVD] | None:
         """The entry for `fields`, checked, on the devices `estimate_gradients` returns its result on; None
         when this rank or any other has no usable entry (then every rank recomputes)."""
         manifest, tensors = self._paths(fields)
@@ -184,7 +184,7 @@ class GradientCache:
         self.last = {"entry": str(tensors), "hit": found is not None}
         if found is None:
             return None
-        if progress and is_main_process():
+        if is_main_process():  # said even when quiet: the run did not take the gradient it records
             print(f"gradient cache hit: {tensors} (backward skipped)", flush=True)
         return {name: _to(value, "cpu" if offload and isinstance(value, torch.Tensor) else targets[name].weight.device)
                 for name, value in found.items()}

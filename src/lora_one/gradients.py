@@ -566,7 +566,7 @@ def estimate_gradients(
     scales = [t / n_terms for t in terms]
     if cache is not None:
         fields = key_fields(model, targets, samples, mode, seed, oversample, passes)
-        cached = cache.lookup(fields, rank, targets, offload, progress)
+        cached = cache.lookup(fields, rank, targets, offload)
         if cached is not None:
             return cached
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from lora_one.data import init_batches, label_mapping, prepare, read_records
+from lora_one.data import init_batches, label_mapping, prepare, read_records, search_batches
 from lora_one.errors import UsageError
 from lora_one.evaluate import choices_of, make_evaluator
 from lora_one.files import check_out_folder, check_writable, write_text_atomic
@@ -120,6 +120,14 @@ def load_task_data(s: DataSettings, path: str):
     return model, tokenizer, task, records, feats, label2id
 
 
+def gamma_line(meta: dict) -> str:
+    """What a gamma search chose, in one line."""
+    search = meta["gamma_search"]
+    losses = ", ".join(f"{g:g}: {'-' if v is None else f'{v:.4f}'}" for g, v in zip(search["grid"], search["losses"]))
+    return (f"gamma search on {search['samples']} held-out examples chose {meta['gamma']:g} (step-0 loss by gamma: "
+            f"{losses}; without a step {search['loss_without_step']:.4f})")
+
+
 def run_init(s: InitSettings) -> dict:
     """`lora-one init`: compute the init on `init_samples` training examples and save the step-0
     adapter (for the original base) with its sidecar; returns the init metadata."""
@@ -130,12 +138,17 @@ def run_init(s: InitSettings) -> dict:
     torch.manual_seed(s.seed)
     model, tokenizer, task, _, feats, _ = load_task_data(s, s.data)
     model.to(s.device)
-    batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, tokenizer.pad_token_id)
+    pad_id = tokenizer.pad_token_id
+    batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, pad_id)
+    search = search_batches(feats, s.init_samples, 16, s.seed, pad_id) if s.gamma_search else None
     peft_model = get_lora_one_model(
         model, lora_config_of(s, task), batches, variant=s.variant, gamma=s.gamma, svd=s.svd, seed=s.seed,
         grad_mode=s.grad_mode, offload=s.offload, sketch_passes=s.sketch_passes,
         num_samples=None,  # the batches hold exactly init_samples
+        cache_dir=s.grad_cache, search_batches=search,
     )
+    if "gamma_search" in peft_model.lora_one_metadata:
+        print(gamma_line(peft_model.lora_one_metadata), flush=True)
     save_adapter(peft_model, s.out, extra={"model": s.model, "data": str(s.data), "task": task},
                  base_model_name=base_model_name_of(s))
     return peft_model.lora_one_metadata

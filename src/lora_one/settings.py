@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from lora_one.data import FORMATS, TOO_LONG, Fields
 from lora_one.errors import UsageError
 from lora_one.gradients import MODES
+from lora_one.init import gamma_grid, parse_gamma
 from lora_one.models import DTYPES, QUANTIZATIONS, TASKS
 from lora_one.optim import DEFAULT_REG
 from lora_one.parallel import resolve_device
@@ -27,9 +28,10 @@ HEAD_INITS = ("random", "probe")
 SVDS = ("randomized", "exact")
 
 
-def setting(default, help: str, choices=None, flag: str | None = None):
-    """A field with its help text (and choices, and a flag name other than `--field-name`)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def setting(default, help: str, choices=None, flag: str | None = None, parse=None):
+    """A field with its help text (and choices, a flag name other than `--field-name`, and a parser of
+    its text when its type is not one argparse knows, e.g. `--gamma auto`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "parse": parse})
 
 
 def required(help: str):
@@ -106,7 +108,10 @@ class InitSettings(DataSettings):
     rslora: bool = setting(True, "scale alpha/r instead of alpha/sqrt(r)", flag="--no-rslora")
     dora: bool = setting(False, "DoRA adapters; with lora-one or spectral the magnitude starts at the norms of W + sBA "
                          "(DoRA-One)")
-    gamma: float = setting(128.0, "init step size: the step-0 update is -G_r / (gamma sigma_1)")
+    gamma: float | str | tuple[float, ...] = setting(
+        128.0, "init step: a number (the step-0 update is -G_r / (gamma sigma_1)), 'auto' (the lowest step-0 loss "
+        "over 8, 16, ..., 8192 on --init-samples held-out training examples; lora-one and spectral), or "
+        "comma-separated values to search, e.g. 64,128,256", parse=parse_gamma)
     init_samples: int = setting(8, "training examples of the one-step gradient")
     init_batch_size: int = setting(1, "micro-batch size of the gradient pass (the gradient does not depend on it)")
     target: str = setting("all-linear", "'all-linear' or comma-separated module names")
@@ -118,6 +123,10 @@ class InitSettings(DataSettings):
     sketch_passes: int | None = setting(None, "passes over the init data in sketch mode (default 2); more passes, "
                                         "a more accurate top-r SVD (README: sketch accuracy)")
     seed: int = setting(0, "seed of the init samples, the SVD and the training data order")
+    grad_cache: str | None = setting(None, "folder of one-step gradients: a run whose model, init samples and "
+                                     "gradient settings match an earlier one reads its gradient from there and skips "
+                                     "the backward; otherwise it is computed and stored (accumulate: G, 4 bytes per "
+                                     "target weight; sketch, single-batch: the top-r SVD)")
     base_model_name: str | None = setting(None, "base model named in the saved adapter_config.json, e.g. a Hub id "
                                           "(default: an alias's Hub id, else the --model folder)")
     out: str = required("output folder")
@@ -134,8 +143,6 @@ class InitSettings(DataSettings):
             problems.append(f"--rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
             problems.append(f"--alpha must be > 0, got {self.alpha} (a negative scale would step up the gradient)")
-        if not self.gamma > 0:
-            problems.append(f"--gamma must be > 0, got {self.gamma}")
         if self.init_samples < 1 or self.init_batch_size < 1:
             problems.append(f"--init-samples and --init-batch-size must be >= 1, got {self.init_samples} and "
                             f"{self.init_batch_size}")
@@ -145,6 +152,11 @@ class InitSettings(DataSettings):
             problems.append(f"--target {self.target!r} names no module; give all-linear or comma-separated module names")
         if problems:
             raise UsageError("; ".join(problems) + ".")
+        gamma_grid(self.gamma, self.variant)  # a gamma that is no step, or a search the variant cannot make
+
+    @property
+    def gamma_search(self) -> bool:
+        return gamma_grid(self.gamma, self.variant) is not None
 
 
 @dataclass(kw_only=True)

@@ -48,7 +48,9 @@ def add_settings(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParse
         if f.default is not dataclasses.MISSING and f.default is not None and kind is not bool:
             help_text += f" (default: {f.default})"
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        if kind is bool:
+        if meta.get("parse"):  # read by the field's own parser in settings_from, so errors are ours
+            groups[owner].add_argument(flag, dest=f.name, default=UNSET, help=help_text)
+        elif kind is bool:
             action = "store_false" if f.default else "store_true"
             groups[owner].add_argument(flag, dest=f.name, action=action, default=UNSET, help=help_text)
         else:
@@ -85,6 +87,17 @@ def _coerce(kind: type, choices, key: str, value, source: str):
     return value
 
 
+def convert(f: dataclasses.Field, hint, key: str, value, source: str):
+    """A setting's value from a flag's text or a config's YAML value: the field's own parser (e.g.
+    `--gamma`), else its type and choices."""
+    parse = f.metadata.get("parse")
+    if parse is None:
+        return _coerce(_base_type(hint), f.metadata.get("choices"), key, value, source)
+    if value is None:
+        return None
+    return parse(",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+
+
 def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -111,12 +124,12 @@ def settings_from(args: argparse.Namespace):
         name = str(key).replace("-", "_")
         if name not in fields:
             raise UsageError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(fields))}.")
-        from_file[name] = _coerce(_base_type(hints[name]), fields[name].metadata.get("choices"), key, value, source)
+        from_file[name] = convert(fields[name], hints[name], key, value, source)
     values = {}
-    for name in fields:
+    for name, f in fields.items():
         typed = getattr(args, name)
         if typed is not UNSET:
-            values[name] = typed
+            values[name] = convert(f, hints[name], name, typed, "command line") if f.metadata.get("parse") else typed
         elif name in from_file:
             values[name] = from_file[name]
     missing = [f"--{n.replace('_', '-')}" for n, f in fields.items() if f.metadata.get("required") and n not in values]

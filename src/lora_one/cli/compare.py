@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import yaml
 
-from lora_one.cli.args import _base_type, _coerce, add_settings, settings_from
+from lora_one.cli.args import add_settings, convert, settings_from
 from lora_one.compare import CHOSEN, DEFAULT_METHODS, METHODS, CompareSettings, run_compare
 from lora_one.errors import UsageError
 from lora_one.finetune import TrainingInterrupted
@@ -51,8 +51,8 @@ def parse_methods(text: str) -> dict[str, dict]:
             key = key.replace("-", "_")
             values = [v.strip() for v in value.split("/")]
             if key in fields:
-                values = [_coerce(_base_type(hints[key]), fields[key].metadata.get("choices"), key,
-                                  yaml.safe_load(v), f"--methods {item!r}") for v in values]
+                values = [convert(fields[key], hints[key], key, yaml.safe_load(v), f"--methods {item!r}")
+                          for v in values]
             spec[key] = values if len(values) > 1 else values[0]
         if item in methods:
             raise UsageError(f"--methods names {item!r} twice.")

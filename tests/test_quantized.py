@@ -16,7 +16,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_cli_init import run
-from tiny_models import one_thread, question_records, tiny_llama  # noqa: F401 (one_thread: a fixture)
+from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from lora_one import LoraOneCallback, models
@@ -195,6 +195,21 @@ def test_finetune_on_a_4bit_base_and_the_adapter_loads_on_the_unquantised_one(ba
                "--quantize", "4bit") == 0
     full, four = (json.loads((tmp_path / f).read_text()) for f in ("e.json", "e4.json"))
     assert abs(full["loss"] - four["loss"]) < 0.1 * full["loss"]  # one adapter, either base
+
+
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_a_classifier_on_a_quantised_base_trains_its_head_and_evaluates_on_the_unquantised_one(quantize, tmp_path):
+    """The fresh head stays unquantised (it trains in full); the run's adapter and head load on the float32 base."""
+    base = tiny_bert(tmp_path / "bert")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_records(30)))
+    out = tmp_path / "run"
+    assert run("finetune", "--model", base, "--data", data, "--eval-split", 0.2, "--out", out, "--quantize",
+               quantize, "--rank", 2, "--max-steps", 3, "--batch-size", 4, "--quiet") == 0
+    heads = [k for k in load_file(out / "adapter_model.safetensors") if "classifier" in k]
+    assert sorted(heads) == ["base_model.model.classifier.bias", "base_model.model.classifier.weight"]
+    assert run("eval", "--model", base, "--adapter", out, "--data", data, "--out", tmp_path / "e.json") == 0
+    assert json.loads((tmp_path / "e.json").read_text())["n"] == 30
 
 
 def test_the_callback_initialises_a_4bit_model_in_a_trainer(base_dir, tok, examples, tmp_path):

@@ -218,16 +218,19 @@ def max_positions(path: Path) -> int | None:
     return getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
 
 
-def _quantization_config(quantize: str, dtype: torch.dtype) -> BitsAndBytesConfig:
+def _quantization_config(quantize: str, dtype: torch.dtype, task: str) -> BitsAndBytesConfig:
     if quantize not in QUANTIZATIONS:
         raise UsageError(f"Unknown quantisation {quantize!r}; use one of {', '.join(QUANTIZATIONS)}.")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError(f"--quantize {quantize} needs bitsandbytes: pip install 'lora-one[quant]' (or "
                          "pip install bitsandbytes).")
+    # A classifier's fresh head trains in full (PEFT's modules_to_save for SEQ_CLS), so it stays unquantised;
+    # transformers' own choice would keep only its bias.
+    skip = ["classifier", "score"] if task == CLASSIFICATION else None
     if quantize == "4bit":  # QLoRA's NF4 with double quantisation, computing in the dtype of the rest
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def _keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
@@ -261,7 +264,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {"dtype": dtype}
     if quantize:
-        kwargs |= {"quantization_config": _quantization_config(quantize, dtype), "device_map": {"": str(device)}}
+        kwargs |= {"quantization_config": _quantization_config(quantize, dtype, task), "device_map": {"": str(device)}}
     if task == CAUSAL_LM:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif task == SEQ2SEQ:

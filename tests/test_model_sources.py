@@ -149,7 +149,7 @@ def test_two_processes_convert_a_gguf_file_once(gguf_file, cache, tmp_path):
 
 
 def test_init_from_a_gguf_file_through_the_cli(gguf_file, cache, tmp_path):
-    path, model = gguf_file
+    path, _ = gguf_file
     data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
     out = tmp_path / "init"
     assert run("init", "--model", path, "--data", data, "--out", out, "--rank", 2, "--init-samples", 4) == 0
@@ -207,6 +207,18 @@ def test_a_cached_hub_id_loads_and_the_adapter_names_it(offline, hub_cache, tmp_
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/tiny"
 
 
+def test_a_cached_hub_model_with_pytorch_bin_weights_only(hub_cache, tiny_llama_dir, monkeypatch):
+    """A repository without safetensors: its pytorch_model.bin is the second thing fetched (here: found)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (hub_cache / "model.safetensors").unlink()
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.save(original.state_dict(), hub_cache / "pytorch_model.bin")
+    model, _, _ = load_model("acme/tiny")
+    for name, value in original.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    assert model.name_or_path == "acme/tiny"
+
+
 @pytest.mark.parametrize("offline, why", [(True, "HF_HUB_OFFLINE is set"), (False, "the Hub cannot be reached")])
 def test_an_uncached_hub_id_offline_is_one_line_naming_the_way_out(offline, why, hub_cache, tmp_path, monkeypatch,
                                                                    capsys):
@@ -254,11 +266,16 @@ def test_a_half_precision_model_gives_the_float32_gradient_in_float32(dtype, tin
         assert rel < 3e-2, (name, rel)  # bf16 keeps 8 bits of mantissa: about 4e-3 a rounding
 
 
-def test_dtype_through_init_and_eval(tiny_llama_dir, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["init", "finetune"])
+def test_dtype_through_the_cli(command, tiny_llama_dir, tmp_path):
+    """A bfloat16 base: the adapter (PEFT keeps it in float32) is saved, loads on the float32 base, and eval
+    takes the flag too."""
     data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
-    out = tmp_path / "init"
-    assert run("init", "--model", tiny_llama_dir, "--data", data, "--out", out, "--rank", 2, "--init-samples", 4,
-               "--max-length", 32, "--dtype", "bfloat16") == 0
+    out = tmp_path / command
+    training = ("--max-steps", 2, "--batch-size", 2, "--quiet") if command == "finetune" else ()
+    assert run(command, "--model", tiny_llama_dir, "--data", data, "--out", out, "--rank", 2, "--init-samples", 4,
+               "--max-length", 32, "--dtype", "bfloat16", *training) == 0
+    assert json.loads((out / "lora_one.json").read_text())["layers"][0]["sigma_1"] > 0
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out)
     assert all(p.dtype == torch.float32 for n, p in adapted.named_parameters() if "lora_" in n)
     assert run("eval", "--model", tiny_llama_dir, "--adapter", out, "--data", data, "--max-length", 32,

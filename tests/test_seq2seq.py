@@ -172,6 +172,25 @@ def test_one_step_gradient_is_the_dense_full_batch_step(t5_dir, tok):
             assert rel <= 2e-6, (batch_size, name, rel)
 
 
+def test_sketch_mode_on_t5_equals_the_dense_gradients_top_subspace(t5_dir, tok):
+    """T5's encoder and decoder embed through modules of their own over the shared weight: the sketch
+    must start its graph at both. With sketches as wide as each layer the sketch's SVD is exact."""
+    model = fresh(t5_dir)
+    feats = seq2seq_features(RECORDS[:5], tok, 64)
+    reference = full_finetuning_gradients(model, unpadded(feats), "seq2seq")
+    batches = [collate(feats[i : i + 2], tok.pad_token_id) for i in range(0, 5, 2)]
+    sketched = estimate_gradients(model, batches, progress=False, num_samples=None, mode="sketch", rank=RANK,
+                                  oversample=64)
+    assert len(sketched) == 32 and sketched.keys() <= reference.keys()  # every Linear but the LM head
+    for name, svd in sketched.items():
+        G = reference[name].double()
+        S = torch.linalg.svdvals(G)
+        best = S[RANK:].square().sum().sqrt()  # the error of the exact top-r SVD (ties make the subspace moot)
+        got = (G - svd.U.double() @ torch.diag(svd.S.double()) @ svd.Vh.double()).norm()
+        assert got <= best * (1 + 1e-3) + 1e-6 * S[0], (name, float(got), float(best))
+        torch.testing.assert_close(svd.S.double(), S[:RANK], rtol=1e-3, atol=1e-6 * float(S[0]))
+
+
 @pytest.fixture(scope="module")
 def adapter(t5_dir, tok, tmp_path_factory):
     """The LoRA-One step-0 adapter on 5 init samples, after 6 steps of AdamW, saved."""

@@ -226,8 +226,12 @@ class _Sketch:
         if embeddings is None:
             raise UsageError("mode='sketch' needs a model with get_input_embeddings() to start the backward.")
         # No weight takes a gradient, so make the embedding output a leaf of the graph: the backward
-        # then computes input gradients only, as in LoRA training.
-        self.handles.append(embeddings.register_forward_hook(lambda mod, args, out: out.requires_grad_(True)))
+        # then computes input gradients only, as in LoRA training. Every module sharing the embedding
+        # weight (T5's encoder and decoder each hold their own module over `shared`) starts the graph.
+        sharing = [m for m in model.modules()
+                   if isinstance(m, nn.Embedding) and m is not embeddings and m.weight is embeddings.weight]
+        for module in (embeddings, *sharing):
+            self.handles.append(module.register_forward_hook(lambda mod, args, out: out.requires_grad_(True)))
 
     def _forward_hook(self, name):
         def forward_hook(module, args, output):

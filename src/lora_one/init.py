@@ -172,7 +172,7 @@ def init_lora_one(
                     "layer": name,
                     "shape": [layer.out_features, layer.in_features],  # not a packed weight's
                     "sigma_1": sigma_1,
-                    "relative_update": float(delta.norm() / dequantize_module_weight(base).float().norm()),
+                    "relative_update": float(delta.norm() / base.weight.float().norm()),
                 }
             )
     _keep_initial_state(peft_model, adapter, variant)

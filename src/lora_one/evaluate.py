@@ -356,16 +356,20 @@ class Seq2SeqEvaluator(_PromptResponseEvaluator):
         return score_seq2seq_candidates(model, self.prompts, self.cand_ids, self.batch_size, self.progress)
 
 
-class LossEvaluator:
-    """`evaluator(model) -> {"loss", "n"}`: the mean token cross-entropy of what training predicts, for
-    text and conversation records (no single answer to score)."""
-
-    metric = "loss"
+class _FeaturesEvaluator:
+    """An evaluator over tokenised features, batched; `note` says what the length limit did to the records."""
 
     def __init__(self, features: list[dict], pad_id: int, batch_size: int = 16, progress: bool = False,
                  note: str | None = None):
         self.features, self.pad_id, self.batch_size, self.progress = features, pad_id, batch_size, progress
-        self.note = note  # what the length limit did to the records
+        self.note = note
+
+
+class LossEvaluator(_FeaturesEvaluator):
+    """`evaluator(model) -> {"loss", "n"}`: the mean token cross-entropy of what training predicts, for
+    text and conversation records (no single answer to score)."""
+
+    metric = "loss"
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
@@ -373,15 +377,10 @@ class LossEvaluator:
         return {"loss": total / count, "n": len(self.features)}
 
 
-class ClassificationEvaluator:
+class ClassificationEvaluator(_FeaturesEvaluator):
     """`evaluator(model) -> {"loss", "accuracy", "n"}` on tokenised classification features."""
 
     metric = "accuracy"
-
-    def __init__(self, features: list[dict], pad_id: int, batch_size: int = 32, progress: bool = False,
-                 note: str | None = None):
-        self.features, self.pad_id, self.batch_size, self.progress = features, pad_id, batch_size, progress
-        self.note = note  # what the length limit did to the records
 
     @torch.no_grad()
     def __call__(self, model) -> dict:

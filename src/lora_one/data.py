@@ -79,8 +79,8 @@ def read_records(source: str | Path, task: str, fields: Fields = DEFAULT_FIELDS)
 
 
 def load_records(source: str | Path) -> list[dict]:
-    """Records, read with `datasets`: an embedded set (`trec`, `sentiment`, optionally `:train`/`:val`/
-    `:test`), a Hub data set (`hub:NAME[:CONFIG][@SPLIT]`, split `train` by default; online), or a
+    """Records, read with `datasets`: an embedded set (`trec`, `sentiment`, `unicode`, `dialog`, optionally
+    `:train`/`:val`/`:test`), a Hub data set (`hub:NAME[:CONFIG][@SPLIT]`, split `train` by default; online), or a
     file: JSON Lines (`.jsonl`/`.json`), a `.json` array of objects, CSV (`.csv`, or `.tsv`
     tab-separated; a header row names the fields; every value is read as text) or Parquet. Text
     files are UTF-8, with or without a byte-order mark (spreadsheet programs write one)."""

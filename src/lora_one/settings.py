@@ -45,7 +45,8 @@ class DataSettings:
     model: str = required("alias (smollm2-135m, minilm-l6), a local HF folder, a .gguf file (converted once into the "
                           "cache) or a Hub id owner/name (online, or in the Hugging Face cache)")
     data: str = required("training data: a .jsonl, .json, .csv/.tsv (UTF-8) or .parquet file, a Hub data set "
-                         "hub:NAME[:CONFIG][@SPLIT] (online), or an embedded set (trec, sentiment)")
+                         "hub:NAME[:CONFIG][@SPLIT] (online), or an embedded set (trec, sentiment, unicode, "
+                         "dialog)")
     task: str | None = setting(None, "default: causal-lm for *ForCausalLM models, seq2seq for *ForConditionalGeneration "
                                "encoder-decoders (T5, BART), else classification", TASKS)
     format: str | None = setting(None, "record format (default: detected from the fields): prompt-response (or TRL's "

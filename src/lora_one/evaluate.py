@@ -124,6 +124,14 @@ def _pad(seqs: Sequence[Sequence[int]], device, left: bool = False) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+def _scoring_batches(prompts: Sequence[Sequence[int]], batch_size: int, progress: bool):
+    """The prompts' indices in batches of similar lengths (less padding per batch), with a progress bar."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch", disable=not progress,
+                      leave=False):
+        yield order[start : start + batch_size]
+
+
 @torch.no_grad()
 def score_candidates(
     model, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]], batch_size: int = 16,
@@ -146,11 +154,8 @@ def score_candidates(
     targets, _ = _pad([c[1:] for c in candidates], device)  # what they predict
     cont_len = max(len(c) for c in candidates) - 1
     kw = _cache_kwarg(model)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
     scores = torch.empty(len(prompts), n_cand)
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress, leave=False):
-        rows = order[start : start + batch_size]
+    for rows in _scoring_batches(prompts, batch_size, progress):
         b = len(rows)
         cache = None
         if p:
@@ -192,11 +197,8 @@ def score_seq2seq_candidates(
     n_cand = len(candidates)
     labels, label_mask = _pad(candidates, device)
     labels = labels.masked_fill(label_mask == 0, IGNORE_INDEX)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
     scores = torch.empty(len(prompts), n_cand)
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress, leave=False):
-        rows = order[start : start + batch_size]
+    for rows in _scoring_batches(prompts, batch_size, progress):
         b = len(rows)
         ids, mask = _pad([prompts[i] for i in rows], device)
         hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state

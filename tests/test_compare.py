@@ -110,12 +110,13 @@ def test_compare_on_a_tiny_model(tiny, tmp_path, monkeypatch, capsys):
                 mean, se = by_hand([e[point["step"]][f"eval_{key}"] for e in runs])
                 assert point["mean"] == pytest.approx(mean, rel=1e-12, abs=1e-15)
                 assert point["se"] == pytest.approx(se, rel=1e-9, abs=1e-15)
-                if label != "lora":
+                if label != "lora":  # paired by seed: the mean and se of the per-seed differences
                     lora_runs = [evals_of(folder("lora", s)) for s in (0, 1)]
-                    lora_mean, lora_se = by_hand([e[point["step"]][f"eval_{key}"] for e in lora_runs])
+                    d_mean, d_se = by_hand([e[point["step"]][f"eval_{key}"] - f[point["step"]][f"eval_{key}"]
+                                            for e, f in zip(runs, lora_runs)])
                     diff = next(d for d in r["vs_lora"][key] if d["step"] == point["step"])
-                    assert diff["diff"] == pytest.approx(mean - lora_mean, rel=1e-9, abs=1e-15)
-                    assert diff["se"] == pytest.approx((se ** 2 + lora_se ** 2) ** 0.5, rel=1e-9, abs=1e-15)
+                    assert diff["diff"] == pytest.approx(d_mean, rel=1e-9, abs=1e-15)
+                    assert diff["se"] == pytest.approx(d_se, rel=1e-9, abs=1e-15)
         loss_means = {step: by_hand([e[step]["eval_loss"] for e in runs])[0] for step in (0, 2, 4)}
         assert r["steps_to_lora_final_loss"] == next((s for s in (0, 2, 4) if loss_means[s] <= lora_end), None)
         times = [json.loads((folder(label, s) / "lora_one.json").read_text())["training"] for s in (0, 1)]

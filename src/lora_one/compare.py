@@ -229,19 +229,26 @@ def mean_se(values: list[float]) -> dict:
     return {"mean": math.fsum(values) / n, "se": statistics.stdev(values) / math.sqrt(n) if n > 1 else None, "n": n}
 
 
+def curves_by_seed(runs: list[dict], key: str) -> list[dict]:
+    """Per run, `step -> eval_<key>`."""
+    return [{m["step"]: m[f"eval_{key}"] for m in r["metrics"] if "eval_loss" in m} for r in runs]
+
+
 def curves(runs: list[dict], keys: list[str]) -> dict[str, list[dict]]:
     """`key -> [{"step", "mean", "se", "n"}]` over the runs at each evaluation step."""
-    evals = [{m["step"]: m for m in r["metrics"] if "eval_loss" in m} for r in runs]
-    steps = sorted(evals[0])
-    return {key: [{"step": step, **mean_se([e[step][f"eval_{key}"] for e in evals])} for step in steps]
+    by_seed = {key: curves_by_seed(runs, key) for key in keys}
+    return {key: [{"step": step, **mean_se([run[step] for run in by_seed[key]])} for step in sorted(by_seed[key][0])]
             for key in keys}
 
 
-def difference(a: list[dict], b: list[dict]) -> list[dict]:
-    """`a - b` at each step, with the standard error of a difference of two independent means."""
-    return [{"step": p["step"], "diff": p["mean"] - q["mean"],
-             "se": math.hypot(p["se"], q["se"]) if p["se"] is not None and q["se"] is not None else None}
-            for p, q in zip(a, b, strict=True)]
+def difference(a: list[dict], b: list[dict], key: str) -> list[dict]:
+    """Runs `a` minus runs `b` (the same seeds, in the same order) in `key` at each evaluation step: the
+    mean and standard error of the per-seed differences. The runs of a seed share the data order (and a
+    classifier's random head), so a difference within a seed is free of the spread between seeds."""
+    pairs = list(zip(curves_by_seed(a, key), curves_by_seed(b, key), strict=True))
+    steps = sorted(pairs[0][0])
+    return [{"step": step, "diff": (d := mean_se([x[step] - y[step] for x, y in pairs]))["mean"], "se": d["se"]}
+            for step in steps]
 
 
 def _scored_by_generation(s: CompareSettings) -> bool:
@@ -385,7 +392,7 @@ def summarize(s: CompareSettings, results: dict, report_role: str, samples: dict
     lora = results.get("lora")
     lora_final = lora["curves"]["loss"][-1]["mean"] if lora else None
     for label, r in results.items():
-        r["vs_lora"] = ({k: difference(r["curves"][k], lora["curves"][k]) for k in keys}
+        r["vs_lora"] = ({k: difference(r["runs"], lora["runs"], k) for k in keys}
                         if lora and label != "lora" else None)
         r["steps_to_lora_final_loss"] = next((p["step"] for p in r["curves"]["loss"] if p["mean"] <= lora_final),
                                              None) if lora else None
@@ -498,8 +505,8 @@ def report_markdown(summary: dict) -> str:
         "",
         final_table(summary),
         "",
-        (f"Cells: {error}. vs lora: the method's mean minus lora's, ± the standard error of the difference of two "
-         "independent means (sqrt(se_method² + se_lora²)). Steps to lora's final loss (convergence speed): the first "
+        (f"Cells: {error}. vs lora: the mean over seeds of the method's result minus lora's with the same seed (same "
+         "data order), ± the standard error of those differences. Steps to lora's final loss (convergence speed): the first "
          "evaluation step at which the method's mean loss is at or below lora's mean loss at the last step. init s: "
          "the init's seconds (gradient + SVD, plus a linear probe for classification); init share: init / (init + "
          "train + eval) time of each run, averaged over the seeds."),

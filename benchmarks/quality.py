@@ -1,0 +1,214 @@
+"""The quality benchmark: `lora-one compare` on four embedded tasks, every method, 3 seeds, two budgets,
+and the levers the paper points at (issue 13). docs/benchmark.md holds the results and their reading.
+
+Tasks (the embedded data, `lora_one.embedded_data`):
+- `sentiment`: all-MiniLM-L6-v2 classifying Rotten Tomatoes snippets (2 labels; 500 of the 1,000 test
+  examples, the same fixed sample for every run);
+- `trec-cls`: all-MiniLM-L6-v2 classifying TREC questions by type (6 labels, the 500 test questions);
+- `unicode`: SmolLM2-135M-Instruct writing a character's Unicode name (several tokens; exact match by
+  greedy generation on 64 of the 300 test records, loss on all 300);
+- `dialog`: SmolLM2-135M-Instruct replying to a line of a film (open replies: loss on 200 test records;
+  exact match on 32, which is near zero for every method).
+
+Every run: rank 8, alpha 16 (rsLoRA), gamma 128, all linear layers, a constant learning rate after 4
+warm-up steps. Under a constant schedule the first 40 steps of a longer run are those of a 40-step run,
+so the budgets differ only in length. Learning rates are fixed per method, those the demo's sweep chose on
+the TREC validation split (docs/demo.md): 5e-4, and 1e-3 with damping 1e-6 for the preconditioned
+variant. Nothing is chosen here, so every number is on the test split, which nothing has seen.
+
+Stages, each a comparison per task in --out (resumable: a finished run is read back):
+- `short`: every method, 40 steps, evaluated at steps 0 and 40 (CPU: the SmolLM2 tasks take batches of 4,
+  MiniLM 16);
+- `long`: lora, lora-one and lora-one+precond, 160 steps, evaluated at steps 0, 80 and 160;
+- `levers`: lora-one (lora-one+precond for the damping) changed one setting at a time, 40 steps:
+  init samples 8 -> 64 (MiniLM 32 -> 64), gamma 128 -> auto, no warm-up, rank 8 -> 32, damping 1e-6 -> 1e-4/1e-2.
+
+    python benchmarks/quality.py --stage short --tasks sentiment,trec-cls [--threads 1]
+    python benchmarks/quality.py --summary > benchmarks/results/quality/summary.md
+
+Each comparison's report.md, summary.json and comparison.png are copied to
+benchmarks/results/quality/<stage>-<task>.*, with the seconds it took in <stage>-<task>.seconds.
+`--summary` reads them back into one table per budget: each method's final metric and loss, its difference to
+LoRA with the standard error of the difference, and the verdict (win or loss beyond 2 standard errors, else tie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lora_one.compare import CompareSettings, difference, run_compare
+
+RESULTS = Path(__file__).parent / "results" / "quality"
+COMMON = dict(rank=8, alpha=16.0, gamma=128.0, schedule="constant_with_warmup", warmup_steps=4, max_length=128)
+MINILM = dict(model="minilm-l6", batch_size=16, init_samples=32, init_batch_size=8, eval_batch_size=64,
+              head_init="random", eval_samples=500)
+SMOLLM = dict(model="smollm2-135m", batch_size=4, init_samples=8, eval_batch_size=16, max_new_tokens=16)
+TASKS = {
+    "sentiment": dict(MINILM, data="sentiment"),
+    "trec-cls": dict(MINILM, data="trec", task="classification", format="text-label", text_field="question",
+                     label_field="response"),
+    "unicode": dict(SMOLLM, data="unicode", generate_samples=64),
+    "dialog": dict(SMOLLM, data="dialog", eval_samples=200, generate_samples=32),
+}
+LR = 5e-4
+PRECOND = {"method": "lora-one+precond", "lr": 1e-3, "prec_reg": 1e-6}
+METHODS = {
+    "lora": {"lr": LR}, "lora-one": {"lr": LR}, "lora-one+precond": PRECOND, "pissa": {"lr": LR},
+    "lora-ga": {"lr": LR}, "dora": {"lr": LR}, "dora-one": {"lr": LR},
+}
+CORE = ("lora", "lora-one", "lora-one+precond")
+
+
+ONE = {"method": "lora-one", "lr": LR}
+LEVERS = {  # one setting changed at a time; each is compared with the short stage's runs of its method
+    # (the label before the colon), which are not run again here
+    "lora-one:init_samples=64": {**ONE, "init_samples": 64},
+    "lora-one:gamma=auto": {**ONE, "gamma": "auto"},
+    "lora-one:warmup_steps=0": {**ONE, "warmup_steps": 0},
+    "lora-one:rank=32": {**ONE, "rank": 32},
+    "lora-one+precond:prec_reg=1e-4": {**PRECOND, "prec_reg": 1e-4},
+    "lora-one+precond:prec_reg=1e-2": {**PRECOND, "prec_reg": 1e-2},
+}
+STAGES = {  # stage -> (steps, evaluation every, methods)
+    "short": (40, 40, METHODS),
+    "long": (160, 80, {m: METHODS[m] for m in CORE}),
+    "levers": (40, 40, LEVERS),
+}
+
+
+def run_stage(stage: str, task: str, out: Path) -> None:
+    steps, every, methods = STAGES[stage]
+    name = f"{stage}-{task}"
+    settings = CompareSettings(**COMMON, **TASKS[task], eval_data=f"{TASKS[task]['data']}:val",
+                               test_data=f"{TASKS[task]['data']}:test", out=str(out / name), max_steps=steps,
+                               eval_every=every, seeds=3, quiet=True)
+    t0 = time.perf_counter()
+    run_compare(settings, methods, what=f"{task}, {stage} budget ({steps} steps)")
+    seconds = time.perf_counter() - t0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for file in ("report.md", "summary.json", "comparison.png"):
+        shutil.copyfile(out / name / file, RESULTS / f"{name}.{file.rpartition('.')[2]}")
+    (RESULTS / f"{name}.seconds").write_text(f"{seconds:.0f}\n")  # this call's time: a resumed stage's last part
+    print(f"{name}: {seconds:.0f} s", flush=True)
+
+
+def verdict(diff: dict, higher_is_better: bool) -> str:
+    if diff["se"] is None or abs(diff["diff"]) <= 2 * diff["se"]:
+        return "tie"
+    return "win" if (diff["diff"] > 0) == higher_is_better else "loss"
+
+
+def _cells(end: dict, vs: dict | None, metric: str) -> list[str]:
+    cells = [f"{end[metric]['mean']:.3f} ± {end[metric]['se']:.3f}"]
+    cells += [f"{vs[metric]['diff']:+.3f} ± {vs[metric]['se']:.3f}", verdict(vs[metric], True)] if vs else ["", ""]
+    cells.append(f"{end['loss']['mean']:.4f} ± {end['loss']['se']:.4f}")
+    cells += [f"{vs['loss']['diff']:+.4f} ± {vs['loss']['se']:.4f}", verdict(vs["loss"], False)] if vs else ["", ""]
+    return cells
+
+
+def _header(s: dict, against: str) -> list[str]:
+    metric = s["metric"]
+    return [f"### {s['what']}", "", f"{s['model']}, step {s['steps']}, test split ({s['eval_n']} records), mean ± se "
+            f"over seeds {s['seeds']}; difference to {against} ± se of the difference; win or loss: beyond 2 se.",
+            "", f"| method | {metric} | vs {against} | | loss | vs {against} | | steps to lora's final loss |",
+            "|---|---:|---:|---|---:|---:|---|---:|"]
+
+
+def _seconds(name: str) -> list[str]:
+    seconds = RESULTS / f"{name}.seconds"
+    return ["", f"Time of the stage's last call: {seconds.read_text().strip()} s.", ""]
+
+
+def summary_table(name: str) -> list[str]:
+    s = json.loads((RESULTS / f"{name}.json").read_text())
+    rows = _header(s, "lora")
+    for label, r in s["methods"].items():
+        end = {k: v[-1] for k, v in r["curves"].items()}
+        vs = {k: v[-1] for k, v in r["vs_lora"].items()} if r["vs_lora"] else None
+        rows.append("| " + " | ".join([label, *_cells(end, vs, s["metric"]),
+                                       str(r["steps_to_lora_final_loss"] or "-")]) + " |")
+    return rows + _seconds(name)
+
+
+def lever_table(task: str) -> list[str]:
+    """Each lever against the short stage's runs of its method (same seeds, data order and budget)."""
+    s = json.loads((RESULTS / f"levers-{task}.json").read_text())
+    short = json.loads((RESULTS / f"short-{task}.json").read_text())["methods"]
+    rows = _header(s, "its method")[:-2] + [
+        f"| lever | {s['metric']} | vs its method | | loss | vs its method | |", "|---|---:|---:|---|---:|---:|---|"]
+    for base in dict.fromkeys(label.partition(":")[0] for label in s["methods"]):
+        end = {k: v[-1] for k, v in short[base]["curves"].items()}
+        rows.append("| " + " | ".join([f"{base} (short stage)", *_cells(end, None, s["metric"])]) + " |")
+        for label, r in s["methods"].items():
+            if label.partition(":")[0] == base:
+                end = {k: v[-1] for k, v in r["curves"].items()}
+                vs = {k: difference(r["runs"], short[base]["runs"], k)[-1] for k in r["curves"]}
+                rows.append("| " + " | ".join([label, *_cells(end, vs, s["metric"])]) + " |")
+    return rows + _seconds(f"levers-{task}")
+
+
+def plot_differences(path: Path) -> None:
+    """One panel per budget and quantity: each method's difference to LoRA per task, ± 2 se (paired)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = [stage for stage in ("short", "long") if any((RESULTS / f"{stage}-{t}.json").exists() for t in TASKS)]
+    fig, axes = plt.subplots(len(budgets), 2, figsize=(11, 4.5 * len(budgets)), squeeze=False)
+    for row, stage in zip(axes, budgets):
+        runs = {t: json.loads((RESULTS / f"{stage}-{t}.json").read_text()) for t in TASKS
+                if (RESULTS / f"{stage}-{t}.json").exists()}
+        for ax, quantity in zip(row, ("metric", "loss")):
+            ticks, labels, y = [], [], 0.0
+            for task, s in runs.items():
+                key = s["metric"] if quantity == "metric" else "loss"
+                for i, (label, r) in enumerate(s["methods"].items()):
+                    if r["vs_lora"]:
+                        d = r["vs_lora"][key][-1]
+                        ax.errorbar(d["diff"], -y, xerr=2 * (d["se"] or 0), fmt="o", color=f"C{i}", capsize=3)
+                        ticks.append(-y)
+                        labels.append(f"{task}: {label}")
+                        y += 1
+                y += 0.5  # a gap between tasks
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_yticks(ticks, labels, fontsize=7)
+            what = "accuracy / exact match" if quantity == "metric" else "loss"
+            better = "right" if quantity == "metric" else "left"
+            ax.set(title=f"{stage} budget: {what} minus LoRA's", xlabel=f"difference ± 2 se ({better} is better)")
+            ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", choices=STAGES)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--summary", action="store_true", help="print the tables of every finished stage")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.summary:
+        done = [(stage, task) for stage in STAGES for task in TASKS if (RESULTS / f"{stage}-{task}.json").exists()]
+        print("\n".join(line for stage, task in done
+                        for line in (lever_table(task) if stage == "levers" else summary_table(f"{stage}-{task}"))))
+        plot_differences(RESULTS / "summary.png")
+        return
+    if not args.stage:
+        p.error("give --stage or --summary")
+    for task in args.tasks.split(","):
+        run_stage(args.stage, task, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,14 @@ from lora_one import LoraOneCallback
 # Each of 2 ranks draws its first batch of 2 from its own shard: together the examples that one process
 # with batches of 2 draws from its first two batches.
 INIT_SAMPLES, BATCH_PER_PROCESS = 4, 2
+# the adapter and the quiet CPU Trainer of test_callback.py too
+LORA = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}
+QUIET = {"bf16": False, "activation_checkpointing": False, "use_cpu": True, "report_to": [],
+         "dataloader_num_workers": 0, "disable_tqdm": True, "logging_steps": 1, "seed": 0}
+
+
+def lora_model(base_dir: Path):
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), LoraConfig(**LORA))
 
 
 def lm_rows(tok, n: int = 40) -> list[dict]:
@@ -45,13 +53,10 @@ def step0_factors(base_dir: Path, out: Path, batch_size: int) -> dict:
     """The adapter after LoraOneCallback's init, before the first step; the Trainer then takes one step
     and saves the model (with the sidecar) into `out`."""
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear"))
     probe = Step0()
     args = TrainingArguments(str(out), per_device_train_batch_size=batch_size, max_steps=1, learning_rate=1e-2,
-                             bf16=False, activation_checkpointing=False, use_cpu=True, report_to=[],
-                             dataloader_num_workers=0, save_strategy="no", disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(lm_rows(tok)),
+                             save_strategy="no", **QUIET)
+    trainer = Trainer(model=lora_model(base_dir), args=args, train_dataset=Dataset.from_list(lm_rows(tok)),
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True),
                       callbacks=[LoraOneCallback(init_samples=INIT_SAMPLES, gamma=16.0), probe])
     trainer.train()

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import one_thread, question_records, tiny_llama, write_jsonl  # noqa: F401
+from tiny_models import one_thread, tiny_llama_and_questions  # noqa: F401 (fixtures: one_thread, tiny)
 
 from lora_one.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {"llama": str(tiny_llama(root / "llama")), "qa": str(write_jsonl(root / "qa.jsonl", question_records(24))),
-            "qa_eval": str(write_jsonl(root / "qa_eval.jsonl", question_records(6, seed=1)))}
 
 
 def init(tiny, out, *extra):
@@ -36,7 +28,7 @@ def test_gamma_search_from_the_command_line_equals_the_fixed_gamma_it_chose(tiny
     assert search["grid"] == [16, 64, 256] and meta["gamma"] == search["chosen"]
     assert meta["gamma"] == search["grid"][min(range(3), key=lambda i: search["losses"][i])]
     assert init(tiny, tmp_path / "fixed", "--gamma", str(meta["gamma"])) == 0
-    a, b = load_file(tmp_path / "auto" / "adapter_model.safetensors"), load_file(tmp_path / "fixed" / "adapter_model.safetensors")
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("auto", "fixed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -69,5 +61,5 @@ def test_finetune_with_gamma_auto_and_a_gradient_cache_resumes_and_reuses(tiny, 
     assert "gradient cache hit" in capsys.readouterr().out
     second = sidecar(tmp_path / "b")
     assert second["gradient_cache"]["hit"] and second["gamma"] == first["gamma"]
-    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,16 +8,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import one_thread, question_records, tiny_llama, write_jsonl  # noqa: F401
+from tiny_models import one_thread, tiny_llama_and_questions  # noqa: F401 (fixtures: one_thread, tiny)
 
 from lora_one.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {"llama": str(tiny_llama(root / "llama")), "qa": str(write_jsonl(root / "qa.jsonl", question_records(24))),
-            "qa_eval": str(write_jsonl(root / "qa_eval.jsonl", question_records(6, seed=1)))}
 
 
 def finetune(tiny, out, *extra):
@@ -35,7 +28,7 @@ def errors(capsys) -> list[str]:
 def test_gradient_checkpointing_trains_the_same_adapter(tiny, tmp_path):
     assert finetune(tiny, tmp_path / "plain") == 0
     assert finetune(tiny, tmp_path / "ckpt", "--gradient-checkpointing") == 0
-    a, b = load_file(tmp_path / "plain" / "adapter_model.safetensors"), load_file(tmp_path / "ckpt" / "adapter_model.safetensors")
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("plain", "ckpt"))
     assert a.keys() == b.keys()
     for k in a:  # recomputed activations, the same arithmetic
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)

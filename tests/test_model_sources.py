@@ -9,9 +9,7 @@ model that was written, weight for weight.
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
-import time
 from pathlib import Path
 
 import gguf
@@ -23,7 +21,7 @@ from huggingface_hub import constants
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import PeftModel
 from test_cli_init import LM_ROWS, run, write_jsonl
-from tiny_models import one_thread  # noqa: F401 (a fixture)
+from tiny_models import one_thread, slow_conversion  # noqa: F401 (one_thread: a fixture)
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lora_one import models
@@ -118,17 +116,7 @@ def test_a_gguf_file_is_converted_once_under_its_content_hash(gguf_file, cache, 
 def _resolve_in_a_child(path: Path, root: Path, barrier, results) -> None:
     """A forked process resolving the user's GGUF file, the conversion replaced by a slow stand-in that
     logs its call, so that both processes are inside it at once unless the lock keeps one out."""
-
-    def slow_conversion(gguf_path: Path, dest: Path) -> None:
-        with open(root / "conversions.log", "a") as log:
-            log.write(f"{os.getpid()}\n")
-        time.sleep(1.0)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
-        tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text("{}")
-        os.rename(tmp, dest)
-
-    models._convert_gguf = slow_conversion  # in this child only
+    models._convert_gguf = slow_conversion(root)  # in this child only
     barrier.wait()
     results.put(str(models.resolve_model_path(str(path))))
 

@@ -4,28 +4,17 @@ collectives wait long enough for rank 0 to evaluate alone."""
 from __future__ import annotations
 
 import multiprocessing
-import os
-import time
 from pathlib import Path
+
+from tiny_models import slow_conversion
 
 from lora_one import models
 
 
 def _rank_on_a_fresh_machine(root: Path, barrier, results) -> None:
-    """One forked process: resolve the alias once the other is ready too. The conversion is replaced by
-    a stand-in that logs its call and is slow, so that both processes are inside it at once unless
-    something keeps the second one out; it publishes its folder by a rename, as a real save does."""
-
-    def slow_conversion(gguf: Path, dest: Path) -> None:
-        with open(root / "conversions.log", "a") as log:
-            log.write(f"{os.getpid()}\n")
-        time.sleep(1.0)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
-        tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text("{}")
-        os.rename(tmp, dest)
-
-    models._convert_gguf = slow_conversion  # in this child only
+    """One forked process: resolve the alias once the other is ready too, the conversion replaced by a
+    slow stand-in that logs its call."""
+    models._convert_gguf = slow_conversion(root)  # in this child only
     models._package_dir = lambda package, alias: root / "package"
     barrier.wait()
     results.put(str(models.resolve_model_path("smollm2-135m")))

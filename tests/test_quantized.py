@@ -16,8 +16,15 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_cli_init import run
-from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama  # noqa: F401
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from tiny_models import (  # noqa: F401 (fixtures: one_thread, base_dir, tok)
+    one_thread,
+    question_records,
+    sentiment_records,
+    tiny_bert,
+    tiny_llama_folder,
+    tiny_llama_tokenizer,
+)
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from lora_one import LoraOneCallback, models
 from lora_one.errors import UsageError
@@ -31,16 +38,6 @@ bnb = pytest.importorskip("bitsandbytes")
 
 R, GAMMA, N = 4, 16.0, 8
 LORA = {"r": R, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture(scope="module")
-def tok(base_dir):
-    return AutoTokenizer.from_pretrained(base_dir)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,22 @@ A word-level tokenizer over a fixed vocabulary; a 2-layer Llama (causal LM) and 
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 SPECIAL = ["<pad>", "<unk>", "<eos>", "[CLS]"]
 TYPES = {"who": "human", "where": "location", "when": "number"}
@@ -67,7 +76,8 @@ def question_records(n: int, seed: int = 0) -> list[dict]:
     recs = []
     for _ in range(n):
         wh = rng.choice(list(TYPES))
-        body = " ".join(rng.choice(["the", "city", "river", "king", "year", "born", "built", "a", "of"]) for _ in range(rng.randint(2, 5)))
+        body = " ".join(rng.choice(["the", "city", "river", "king", "year", "born", "built", "a", "of"])
+                        for _ in range(rng.randint(2, 5)))
         recs.append({"prompt": f"question : {wh} {body} ? type :", "response": " " + TYPES[wh]})
     return recs
 
@@ -87,3 +97,42 @@ def sentiment_records(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# Fixtures shared by several modules, which import them by their function names; `name=` keeps ruff
+# from reading a test's argument as a redefinition of the import.
+
+
+@pytest.fixture(scope="module", name="base_dir")
+def tiny_llama_folder(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module", name="tok")
+def tiny_llama_tokenizer(base_dir):
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+@pytest.fixture(scope="module", name="tiny")
+def tiny_llama_and_questions(tmp_path_factory) -> dict:
+    """The tiny Llama's folder and question files (24 to train on, 6 to evaluate), as `--model`/`--data` paths."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {"llama": str(tiny_llama(root / "llama")), "qa": str(write_jsonl(root / "qa.jsonl", question_records(24))),
+            "qa_eval": str(write_jsonl(root / "qa_eval.jsonl", question_records(6, seed=1)))}
+
+
+def slow_conversion(root: Path):
+    """A stand-in for `lora_one.models._convert_gguf` that logs its call (a line to root/conversions.log) and
+    is slow, so that two processes are inside it at once unless something keeps the second one out; it
+    publishes its folder by a rename, as a real save does. Set it in a forked child only."""
+
+    def convert(gguf: Path, dest: Path) -> None:
+        with open(root / "conversions.log", "a") as log:
+            log.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text("{}")
+        os.rename(tmp, dest)
+
+    return convert

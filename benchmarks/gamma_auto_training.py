@@ -7,10 +7,10 @@ is the demo's, so nothing is chosen on that split here; the auto search picks ga
 examples). Per run: the chosen gamma, the step-0 and final validation loss and accuracy, the init's share
 of the run's time.
 
-    python benchmarks/gamma_auto_training.py [--out DIR] > benchmarks/results/gamma_auto_training.md
+    python benchmarks/gamma_auto_training.py [--out DIR]
 
-The comparisons are resumable (a finished run is read back); their report.md, summary.json and
-comparison.png stay in --out.
+The tables go to benchmarks/results/gamma_auto_training.md. The comparisons are resumable (a finished
+run is read back); their report.md, summary.json and comparison.png stay in --out.
 """
 
 from __future__ import annotations
@@ -22,14 +22,17 @@ from pathlib import Path
 from lora_one.compare import CompareSettings, run_compare
 from lora_one.demo import DEMOS
 
+RESULT = Path(__file__).parent / "results" / "gamma_auto_training.md"
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/gamma_auto_training")
     p.add_argument("--tasks", default="trec,sentiment")
     args = p.parse_args()
-    print("| task | gamma | seed | chosen gamma | step-0 loss | final loss | final accuracy | init share |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = ["Per run, validation split:", "",
+            "| task | gamma | seed | chosen gamma | step-0 loss | final loss | final accuracy | init share |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     means = []
     for task in args.tasks.split(","):
         demo = DEMOS[task]
@@ -44,18 +47,19 @@ def main() -> None:
                 chosen = meta["gamma_search"]["chosen"] if "gamma_search" in meta else meta["gamma"]
                 evals = [m for m in run["metrics"] if "eval_loss" in m]
                 share = run["init_seconds"] / (run["init_seconds"] + run["train_seconds"] + run["eval_seconds"])
-                print(f"| {task} | {label.partition(':')[2] or '128'} | {run['seed']} | {chosen:g} | "
-                      f"{evals[0]['eval_loss']:.4f} | {evals[-1]['eval_loss']:.4f} | "
-                      f"{evals[-1]['eval_accuracy']:.3f} | {share:.1%} |", flush=True)
+                rows.append(f"| {task} | {label.partition(':')[2] or '128'} | {run['seed']} | {chosen:g} | "
+                            f"{evals[0]['eval_loss']:.4f} | {evals[-1]['eval_loss']:.4f} | "
+                            f"{evals[-1]['eval_accuracy']:.3f} | {share:.1%} |")
             end = r["curves"]
             means.append(f"| {task} | {label.partition(':')[2] or '128'} | {end['loss'][0]['mean']:.4f} | "
                          f"{end['loss'][-1]['mean']:.4f} ± {end['loss'][-1]['se']:.4f} | "
                          f"{end['accuracy'][-1]['mean']:.3f} ± {end['accuracy'][-1]['se']:.3f} | "
                          f"{r['init_share']['mean']:.1%} |")
-    print("\nMean ± standard error over seeds 0-2, validation split:\n")
-    print("| task | gamma | step-0 loss | final loss | final accuracy | init share |")
-    print("|---|---|---:|---:|---:|---:|")
-    print("\n".join(means))
+    rows += ["", "Mean ± standard error over seeds 0-2, validation split:", "",
+             "| task | gamma | step-0 loss | final loss | final accuracy | init share |",
+             "|---|---|---:|---:|---:|---:|", *means]
+    RESULT.write_text("\n".join(rows) + "\n")
+    print(f"wrote {RESULT}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ Stages, each a comparison per task in --out (resumable: a finished run is read b
     python benchmarks/quality.py --summary > benchmarks/results/quality/summary.md
 
 Each comparison's report.md, summary.json and comparison.png are copied to
-benchmarks/results/quality/<stage>-<task>.*, with the seconds it took in <stage>-<task>.seconds.
+benchmarks/results/quality/<stage>-<task>.*, with the seconds it took in <stage>-<task>.seconds (summed over
+the calls, so a resumed stage counts every part).
 `--summary` reads them back into one table per budget: each method's final metric and loss, its difference to
 LoRA with the standard error of the difference, and the verdict (win or loss beyond 2 standard errors, else tie).
 """
@@ -94,8 +95,10 @@ def run_stage(stage: str, task: str, out: Path) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for file in ("report.md", "summary.json", "comparison.png"):
         shutil.copyfile(out / name / file, RESULTS / f"{name}.{file.rpartition('.')[2]}")
-    (RESULTS / f"{name}.seconds").write_text(f"{seconds:.0f}\n")  # this call's time: a resumed stage's last part
-    print(f"{name}: {seconds:.0f} s", flush=True)
+    timer = RESULTS / f"{name}.seconds"  # summed over the calls: a resumed stage, and a call that only reads back
+    total = seconds + (float(timer.read_text()) if timer.exists() else 0.0)
+    timer.write_text(f"{total:.0f}\n")
+    print(f"{name}: {seconds:.0f} s ({total:.0f} s over every call)", flush=True)
 
 
 def verdict(diff: dict, higher_is_better: bool) -> str:
@@ -122,7 +125,7 @@ def _header(s: dict, against: str) -> list[str]:
 
 def _seconds(name: str) -> list[str]:
     seconds = RESULTS / f"{name}.seconds"
-    return ["", f"Time of the stage's last call: {seconds.read_text().strip()} s.", ""]
+    return ["", f"Time of the stage: {seconds.read_text().strip()} s.", ""]
 
 
 def summary_table(name: str) -> list[str]:

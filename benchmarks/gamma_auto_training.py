@@ -47,11 +47,11 @@ def main() -> None:
                 chosen = meta["gamma_search"]["chosen"] if "gamma_search" in meta else meta["gamma"]
                 evals = [m for m in run["metrics"] if "eval_loss" in m]
                 share = run["init_seconds"] / (run["init_seconds"] + run["train_seconds"] + run["eval_seconds"])
-                rows.append(f"| {task} | {label.partition(':')[2] or '128'} | {run['seed']} | {chosen:g} | "
+                rows.append(f"| {task} | {label.partition('=')[2] or '128'} | {run['seed']} | {chosen:g} | "
                             f"{evals[0]['eval_loss']:.4f} | {evals[-1]['eval_loss']:.4f} | "
                             f"{evals[-1]['eval_accuracy']:.3f} | {share:.1%} |")
             end = r["curves"]
-            means.append(f"| {task} | {label.partition(':')[2] or '128'} | {end['loss'][0]['mean']:.4f} | "
+            means.append(f"| {task} | {label.partition('=')[2] or '128'} | {end['loss'][0]['mean']:.4f} | "
                          f"{end['loss'][-1]['mean']:.4f} ± {end['loss'][-1]['se']:.4f} | "
                          f"{end['accuracy'][-1]['mean']:.3f} ± {end['accuracy'][-1]['se']:.3f} | "
                          f"{r['init_share']['mean']:.1%} |")

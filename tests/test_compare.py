@@ -286,3 +286,24 @@ def test_an_out_folder_of_other_files_is_refused(tiny, tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="holds files but no comparison"):
         run_compare(settings(tiny, out, seeds=1), {"lora": {"lr": 5e-4}})
     assert (out / "report.md").read_text() == "my notes"
+
+
+def _fake_run(seed: int, losses: dict[int, float]) -> dict:
+    return {"seed": seed, "metrics": [{"step": s, "train_loss": 9.0} for s in losses]
+            + [{"step": s, "eval_loss": v} for s, v in losses.items()]}
+
+
+def test_difference_pairs_runs_by_seed_and_refuses_what_cannot_be_paired():
+    a = [_fake_run(2, {0: 1.0, 4: 0.5}), _fake_run(0, {0: 1.0, 4: 0.7}), _fake_run(1, {0: 1.0, 4: 0.2})]
+    b = [_fake_run(0, {0: 2.0, 4: 0.4}), _fake_run(1, {0: 2.0, 4: 0.4}), _fake_run(2, {0: 2.0, 4: 0.1})]
+    got = compare.difference(a, b, "loss")
+    diffs = [0.7 - 0.4, 0.2 - 0.4, 0.5 - 0.1]  # seeds 0, 1, 2
+    mean = sum(diffs) / 3
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    assert [p["step"] for p in got] == [0, 4]
+    assert got[0]["diff"] == pytest.approx(-1.0) and got[0]["se"] == pytest.approx(0.0, abs=1e-15)
+    assert got[1]["diff"] == pytest.approx(mean) and got[1]["se"] == pytest.approx(se)
+    with pytest.raises(UsageError, match="seeds"):
+        compare.difference(a, b[:2], "loss")
+    with pytest.raises(UsageError, match="different steps"):
+        compare.difference(a, [*b[:2], _fake_run(2, {0: 2.0, 2: 0.3})], "loss")

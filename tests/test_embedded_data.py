@@ -1,6 +1,11 @@
 """The embedded data sets: fixed, disjoint splits; records that say what their source says."""
 
+import hashlib
+import json
+import os
 import re
+import subprocess
+import sys
 import unicodedata
 
 import pandas as pd
@@ -45,3 +50,16 @@ def test_dialog_pairs_are_rows_of_the_movie_dialog_file():
         assert r["prompt"].startswith(prefix) and r["prompt"].endswith(suffix) and r["response"].startswith(" ")
         assert (r["prompt"][len(prefix) : -len(suffix)], r["response"][1:]) in pairs
     assert all(r["response"].strip() for r in test)
+
+
+def _digest(records: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
+def test_splits_do_not_depend_on_the_hash_seed():
+    """A set's iteration order changes with PYTHONHASHSEED: two processes must still draw the same split."""
+    code = ("import hashlib, json; from lora_one.embedded_data import load; "
+            "print(hashlib.sha256(json.dumps(load('dialog:test'), sort_keys=True).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, check=True).stdout.strip() for seed in ("1", "2")}
+    assert digests == {_digest(load("dialog:test"))}

@@ -229,24 +229,30 @@ def mean_se(values: list[float]) -> dict:
     return {"mean": math.fsum(values) / n, "se": statistics.stdev(values) / math.sqrt(n) if n > 1 else None, "n": n}
 
 
-def curves_by_seed(runs: list[dict], key: str) -> list[dict]:
+def values_by_step(runs: list[dict], key: str) -> list[dict]:
     """Per run, `step -> eval_<key>`."""
     return [{m["step"]: m[f"eval_{key}"] for m in r["metrics"] if "eval_loss" in m} for r in runs]
 
 
 def curves(runs: list[dict], keys: list[str]) -> dict[str, list[dict]]:
     """`key -> [{"step", "mean", "se", "n"}]` over the runs at each evaluation step."""
-    by_seed = {key: curves_by_seed(runs, key) for key in keys}
-    return {key: [{"step": step, **mean_se([run[step] for run in by_seed[key]])} for step in sorted(by_seed[key][0])]
+    by_run = {key: values_by_step(runs, key) for key in keys}
+    return {key: [{"step": step, **mean_se([run[step] for run in by_run[key]])} for step in sorted(by_run[key][0])]
             for key in keys}
 
 
 def difference(a: list[dict], b: list[dict], key: str) -> list[dict]:
-    """Runs `a` minus runs `b` (the same seeds, in the same order) in `key` at each evaluation step: the
-    mean and standard error of the per-seed differences. The runs of a seed share the data order (and a
-    classifier's random head), so a difference within a seed is free of the spread between seeds."""
-    pairs = list(zip(curves_by_seed(a, key), curves_by_seed(b, key), strict=True))
+    """Runs `a` minus runs `b` in `key` at each evaluation step, paired by seed: the mean and standard
+    error of the per-seed differences. The runs of a seed share the data order (and a classifier's
+    random head), so a difference within a seed is free of the spread between seeds."""
+    seeds_a, seeds_b = [r["seed"] for r in a], [r["seed"] for r in b]
+    if sorted(seeds_a) != sorted(seeds_b):
+        raise UsageError(f"Cannot pair runs of seeds {seeds_a} with runs of seeds {seeds_b}; compare the same seeds.")
+    by_seed_b = dict(zip(seeds_b, values_by_step(b, key)))
+    pairs = [(x, by_seed_b[seed]) for seed, x in zip(seeds_a, values_by_step(a, key))]
     steps = sorted(pairs[0][0])
+    if any(sorted(x) != steps or sorted(y) != steps for x, y in pairs):
+        raise UsageError("Cannot pair runs evaluated at different steps; compare runs of the same --eval-every.")
     return [{"step": step, "diff": (d := mean_se([x[step] - y[step] for x, y in pairs]))["mean"], "se": d["se"]}
             for step in steps]
 
@@ -366,6 +372,8 @@ def run_compare(s: CompareSettings, methods: Mapping[str, Mapping | None] | None
         }
     summary = summarize(s, results, report_role, {role: sample for role, (sample, _) in samples.items()}, what)
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+    summary["run_seconds"] = round(math.fsum(run["init_seconds"] + run["train_seconds"] + run["eval_seconds"]
+                                             for r in summary["methods"].values() for run in r["runs"]), 1)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     split = ROLES[report_role]
     plot_comparison({label: r["curves"] for label, r in summary["methods"].items()}, out / "comparison.png",
@@ -528,5 +536,6 @@ def report_markdown(summary: dict) -> str:
     lines += ["", (f"Run folders: `{'test' if summary['test_data'] else 'val'}/<method>/<setting>/seed-<s>/` "
                    f"(reported){', `val/...` (the choice)' if chose else ''}; each is an ordinary `lora-one finetune` "
                    "run (adapter, `lora_one.json`, `args.json`, `metrics.jsonl`). `summary.json` holds every number. "
-                   f"Wall time {summary['wall_seconds']:.0f} s."), ""]
+                   f"Wall time of the last call {summary['wall_seconds']:.0f} s; the reported runs' own init, "
+                   f"training and evaluation add up to {summary['run_seconds']:.0f} s."), ""]
     return "\n".join(lines)

@@ -8,7 +8,8 @@
   tokens, e.g. ` LATIN SMALL LETTER G WITH CIRCUMFLEX`): the printable, named characters U+0020-U+04FF,
   from Python's Unicode database (`unicodedata`).
 - `dialog`: a line of a film dialogue as the prompt, the next line as the response (Cornell movie
-  dialogs); open replies, so its loss is what tells methods apart. Distinct pairs only.
+  dialogs); open replies, so its loss is what tells methods apart. Distinct pairs only: a short line
+  ("what?") comes with many replies, and may be in train and test with different ones.
 
 Splits are fixed (their own seed, independent of a run's seed) so every run sees the same held-out set.
 Use them as `--data trec` or `--data trec:test` (`train` is the default split; `val`, `test`).

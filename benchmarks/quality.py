@@ -167,6 +167,38 @@ def lever_table(task: str) -> list[str]:
     return rows + _seconds(f"levers-{task}")
 
 
+def verdict_tables() -> list[str]:
+    """Per budget and quantity, methods x tasks: the difference to LoRA ± se and its verdict."""
+    rows = []
+    for stage in ("short", "long"):
+        runs = {t: json.loads((RESULTS / f"{stage}-{t}.json").read_text()) for t in TASKS
+                if (RESULTS / f"{stage}-{t}.json").exists()}
+        if not runs:
+            continue
+        steps = next(iter(runs.values()))["steps"]
+        labels = list(dict.fromkeys(m for s in runs.values() for m, r in s["methods"].items() if r["vs_lora"]))
+        for quantity in ("metric", "loss"):
+            what = "accuracy or exact match" if quantity == "metric" else "loss"
+            rows += [f"### {stage} budget ({steps} steps): {what} minus LoRA's", "",
+                     "| method | " + " | ".join(f"{t} ({s['metric'] if quantity == 'metric' else 'loss'})"
+                                              for t, s in runs.items()) + " |",
+                     "|---|" + "---:|" * len(runs)]
+            for label in labels:
+                cells = []
+                for s in runs.values():
+                    r = s["methods"].get(label)
+                    if r is None or not r["vs_lora"]:
+                        cells.append("")
+                        continue
+                    d = r["vs_lora"][s["metric"] if quantity == "metric" else "loss"][-1]
+                    digits = 3 if quantity == "metric" else 4
+                    cells.append(f"{d['diff']:+.{digits}f} ± {d['se']:.{digits}f} "
+                                 f"{verdict(d, quantity == 'metric')}")
+                rows.append(f"| {label} | " + " | ".join(cells) + " |")
+            rows.append("")
+    return rows
+
+
 def plot_differences(path: Path) -> None:
     """One panel per budget and quantity: each method's difference to LoRA per task, ± 2 se (paired)."""
     import matplotlib
@@ -217,8 +249,8 @@ def main() -> None:
         p.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     if args.summary:
         done = [(stage, task) for stage in STAGES for task in TASKS if (RESULTS / f"{stage}-{task}.json").exists()]
-        print("\n".join(line for stage, task in done
-                        for line in (lever_table(task) if stage == "levers" else summary_table(f"{stage}-{task}"))))
+        print("\n".join(verdict_tables() + [line for stage, task in done for line in (
+            lever_table(task) if stage == "levers" else summary_table(f"{stage}-{task}"))]))
         if any(stage != "levers" for stage, _ in done):
             plot_differences(RESULTS / "summary.png")
         return

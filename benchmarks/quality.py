@@ -25,6 +25,7 @@ Stages, each a comparison per task in --out (resumable: a finished run is read b
   init samples 8 -> 64 (MiniLM 32 -> 64), gamma 128 -> auto, no warm-up, rank 8 -> 32, damping 1e-6 -> 1e-4/1e-2.
 
     python benchmarks/quality.py --stage short --tasks sentiment,trec-cls [--threads 1]
+    python benchmarks/quality.py --stage levers --tasks unicode --methods lora-one+precond:prec_reg=1e-4
     python benchmarks/quality.py --summary > benchmarks/results/quality/summary.md
 
 Each comparison's report.md, summary.json and comparison.png are copied to
@@ -84,8 +85,9 @@ STAGES = {  # stage -> (steps, evaluation every, methods)
 }
 
 
-def run_stage(stage: str, task: str, out: Path) -> None:
+def run_stage(stage: str, task: str, out: Path, only: list[str] | None = None) -> None:
     steps, every, methods = STAGES[stage]
+    methods = {m: methods[m] for m in only} if only else methods
     name = f"{stage}-{task}"
     settings = CompareSettings(**COMMON, **TASKS[task], eval_data=f"{TASKS[task]['data']}:val",
                                test_data=f"{TASKS[task]['data']}:test", out=str(out / name), max_steps=steps,
@@ -240,6 +242,8 @@ def main() -> None:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--methods", help="comma-separated: run only these methods of the stage (a later call without "
+                   "--methods runs the rest; the summary holds the methods of the last call)")
     p.add_argument("--summary", action="store_true", help="print the tables of every finished stage")
     args = p.parse_args()
     if args.threads:
@@ -247,6 +251,9 @@ def main() -> None:
     unknown = [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
         p.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    only = args.methods.split(",") if args.methods else None
+    if only and args.stage and not set(only) <= set(STAGES[args.stage][2]):
+        p.error(f"--methods: the {args.stage} stage has {', '.join(STAGES[args.stage][2])}")
     if args.summary:
         done = [(stage, task) for stage in STAGES for task in TASKS if (RESULTS / f"{stage}-{task}.json").exists()]
         print("\n".join(verdict_tables() + [line for stage, task in done for line in (
@@ -257,7 +264,7 @@ def main() -> None:
     if not args.stage:
         p.error("give --stage or --summary")
     for task in args.tasks.split(","):
-        run_stage(args.stage, task, Path(args.out))
+        run_stage(args.stage, task, Path(args.out), only)
 
 
 if __name__ == "__main__":

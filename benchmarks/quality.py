@@ -114,11 +114,16 @@ def verdict(diff: dict, higher_is_better: bool) -> str:
     return "win" if (diff["diff"] > 0) == higher_is_better else "loss"
 
 
+def _diff_cells(d: dict, digits: int, higher_is_better: bool) -> list[str]:
+    """A difference ± its se, and its verdict."""
+    return [f"{d['diff']:+.{digits}f} ± {d['se']:.{digits}f}", verdict(d, higher_is_better)]
+
+
 def _cells(end: dict, vs: dict | None, metric: str) -> list[str]:
     cells = [f"{end[metric]['mean']:.3f} ± {end[metric]['se']:.3f}"]
-    cells += [f"{vs[metric]['diff']:+.3f} ± {vs[metric]['se']:.3f}", verdict(vs[metric], True)] if vs else ["", ""]
+    cells += _diff_cells(vs[metric], 3, True) if vs else ["", ""]
     cells.append(f"{end['loss']['mean']:.4f} ± {end['loss']['se']:.4f}")
-    cells += [f"{vs['loss']['diff']:+.4f} ± {vs['loss']['se']:.4f}", verdict(vs["loss"], False)] if vs else ["", ""]
+    cells += _diff_cells(vs["loss"], 4, False) if vs else ["", ""]
     return cells
 
 
@@ -193,9 +198,7 @@ def verdict_tables() -> list[str]:
                         cells.append("")
                         continue
                     d = r["vs_lora"][s["metric"] if quantity == "metric" else "loss"][-1]
-                    digits = 3 if quantity == "metric" else 4
-                    cells.append(f"{d['diff']:+.{digits}f} ± {d['se']:.{digits}f} "
-                                 f"{verdict(d, quantity == 'metric')}")
+                    cells.append(" ".join(_diff_cells(d, 3 if quantity == "metric" else 4, quantity == "metric")))
                 rows.append(f"| {label} | " + " | ".join(cells) + " |")
             rows.append("")
     return rows

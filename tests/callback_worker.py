@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tiny_models import TYPES, question_records
+from tiny_models import LORA, TYPES, question_records
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -23,7 +23,6 @@ from lora_one import LoraOneCallback
 # with batches of 2 draws from its first two batches.
 INIT_SAMPLES, BATCH_PER_PROCESS = 4, 2
 # the adapter and the quiet CPU Trainer of test_callback.py too
-LORA = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}
 QUIET = {"bf16": False, "activation_checkpointing": False, "use_cpu": True, "report_to": [],
          "dataloader_num_workers": 0, "disable_tqdm": True, "logging_steps": 1, "seed": 0}
 

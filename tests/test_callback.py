@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from callback_worker import BATCH_PER_PROCESS, INIT_SAMPLES, LORA, QUIET, lm_rows, lora_model, step0_factors
+from callback_worker import BATCH_PER_PROCESS, INIT_SAMPLES, QUIET, lm_rows, lora_model, step0_factors
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
-from tiny_models import one_thread, tiny_llama_folder, tiny_llama_tokenizer  # noqa: F401 (fixtures)
+from tiny_models import LORA, one_thread, tiny_llama_folder, tiny_llama_tokenizer  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from lora_one import LoraOneCallback, create_optimizer

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import _summed_cross_entropy, _unpadded, padded_batches, ragged_examples, tiny_bert, tiny_llama
 from peft import LoraConfig
+from tiny_models import LORA
 
 from lora_one import LoraOneCallback, estimate_gradients, get_lora_one_model, init_lora_one
 from lora_one.errors import UsageError
@@ -16,7 +17,6 @@ from lora_one.gradcache import hash_batches
 from lora_one.init import DEFAULT_GAMMA_GRID, parse_gamma, search_gamma
 
 GRID = [1.0, 4.0, 16.0, 64.0, 256.0]
-CONFIG = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}
 
 
 def reference_loss(model, batches, task) -> float:
@@ -49,7 +49,7 @@ def ragged(task="causal"):
 
 
 def build(make, batches, variant="lora-one", gamma=128.0, search_batches=None, **config):
-    return get_lora_one_model(make(), LoraConfig(**{**CONFIG, **config}), batches, variant=variant, gamma=gamma,
+    return get_lora_one_model(make(), LoraConfig(**{**LORA, **config}), batches, variant=variant, gamma=gamma,
                               progress=False, num_samples=4, search_batches=search_batches)
 
 
@@ -107,7 +107,7 @@ def test_the_search_samples_are_the_held_out_ones_or_those_given():
                                          r"samples, .* hold only 3 more; pass more batches, or search_batches="):
         build(tiny_llama, ragged()[:-1] + [{k: v[:1] for k, v in ragged()[-1].items()}], gamma=GRID)
     with pytest.raises(UsageError, match=r"gamma search with num_samples=None: .*pass search_batches="):
-        get_lora_one_model(tiny_llama(), LoraConfig(**CONFIG), batches, gamma="auto", num_samples=None)
+        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), batches, gamma="auto", num_samples=None)
 
 
 def test_auto_is_the_default_grid_with_128():
@@ -169,7 +169,7 @@ def test_variants_whose_step0_model_ignores_gamma_refuse_auto_before_any_work(va
         yield
 
     with pytest.raises(UsageError, match=r"searches the step of lora-one and spectral; .*pass a number"):
-        get_lora_one_model(tiny_llama(), LoraConfig(**CONFIG), never(), variant=variant, gamma="auto")
+        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), never(), variant=variant, gamma="auto")
     if variant == "lora":  # the only one of them the callback takes
         with pytest.raises(UsageError, match="pass a number"):
             LoraOneCallback(variant=variant, gamma="auto")
@@ -178,7 +178,7 @@ def test_variants_whose_step0_model_ignores_gamma_refuse_auto_before_any_work(va
 @pytest.mark.parametrize("gamma", ["fast", [], [0.0, 8.0], -1.0, math.inf, True, ["a"]])
 def test_bad_gamma_is_one_line(gamma):
     with pytest.raises(UsageError, match="gamma"):
-        get_lora_one_model(tiny_llama(), LoraConfig(**CONFIG), ragged(), gamma=gamma)
+        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), ragged(), gamma=gamma)
 
 
 def test_init_lora_one_takes_one_gamma():

@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import lm_batches, padded_batches, ragged_examples, tiny_llama
 from peft import LoraConfig
+from tiny_models import LORA
 
 from lora_one import estimate_gradients, get_lora_one_model
 from lora_one.errors import UsageError
 from lora_one.gradcache import GradientCache
 
 HERE = Path(__file__).parent
-CONFIG = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}
 MODES = {"accumulate": ({}, 1), "sketch": ({"grad_mode": "sketch"}, 3),
          "single-batch": ({"grad_mode": "single-batch"}, 4)}  # mode: (settings, micro-batch size)
 GRID = [2.0, 8.0, 32.0, 128.0]
@@ -45,7 +45,7 @@ def counted(model):
     return model, calls
 
 
-def init(batches, model=None, lora=CONFIG, **kwargs):
+def init(batches, model=None, lora=LORA, **kwargs):
     return get_lora_one_model(model or tiny_llama(), LoraConfig(**lora), batches, **{"num_samples": None, **kwargs})
 
 
@@ -79,7 +79,7 @@ def test_what_changes_the_gradient_is_another_entry_and_what_does_not_is_a_hit(t
         "other samples": {"batches": lm_batches(n=4, seed=2)},
         "one sample fewer": {"batches": batches[:3]},
         "one weight one ulp away": {"model": one_ulp},
-        "other targets": {"lora": {**CONFIG, "target_modules": ["q_proj", "v_proj"]}},
+        "other targets": {"lora": {**LORA, "target_modules": ["q_proj", "v_proj"]}},
         "sketch mode": {"grad_mode": "sketch"},
         "sketch, 3 passes": {"grad_mode": "sketch", "sketch_passes": 3},
         "sketch, another seed": {"grad_mode": "sketch", "seed": 1},
@@ -89,7 +89,7 @@ def test_what_changes_the_gradient_is_another_entry_and_what_does_not_is_a_hit(t
         model = init(**{"batches": batches, **kwargs}, cache_dir=tmp_path, progress=False)
         assert not model.lora_one_metadata["gradient_cache"]["hit"], what
     assert len(entries(tmp_path)) == 1 + len(misses)
-    hits = {"another rank": {"lora": {**CONFIG, "r": 2}}, "another gamma": {"gamma": 16.0},
+    hits = {"another rank": {"lora": {**LORA, "r": 2}}, "another gamma": {"gamma": 16.0},
             "another variant": {"variant": "spectral"}, "a gamma search": {"gamma": GRID, "search_batches": batches},
             "another seed (accumulate)": {"seed": 5}}
     for what, kwargs in hits.items():
@@ -104,7 +104,7 @@ def test_a_peft_model_counts_by_its_function(tmp_path):
 
     def peft(seed, move_b=False):
         torch.manual_seed(seed)  # lora_A's Kaiming init
-        model = get_peft_model(tiny_llama(), LoraConfig(**CONFIG))
+        model = get_peft_model(tiny_llama(), LoraConfig(**LORA))
         if move_b:
             with torch.no_grad():
                 model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight[0, 0] = 1e-3

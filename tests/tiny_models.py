@@ -25,6 +25,7 @@ from transformers import (
 )
 
 SPECIAL = ["<pad>", "<unk>", "<eos>", "[CLS]"]
+LORA = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": "all-linear"}  # the tests' adapter
 TYPES = {"who": "human", "where": "location", "when": "number"}
 WORDS = ["what", "is", "the", "a", "of", "question", ":", "type", "?", "city", "river", "king", "year",
          "born", "built", "good", "bad", "great", "awful", "movie", "film", "plot", "fun", "dull",

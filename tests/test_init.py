@@ -44,6 +44,7 @@ def test_step0_is_a_normalised_rank_r_gradient_step(variant):
     peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), batches, variant=variant, gamma=64, svd="exact",
                                     num_samples=4)
     s = 16 / 4**0.5
+    stats = {row["layer"]: row for row in peft_model.lora_one_metadata["layers"]}
     for name, layer in lora_pairs(peft_model):
         t = exact_svd(G[name].double(), 4)
         G_r = t.U @ torch.diag(t.S) @ t.Vh
@@ -52,6 +53,9 @@ def test_step0_is_a_normalised_rank_r_gradient_step(variant):
         BA = layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
         torch.testing.assert_close(W + s * BA, W - step * G_r, rtol=0, atol=1e-6)
         assert torch.equal(layer.get_base_layer().weight, weights[name + ".weight"])  # base untouched
+        # the layer table: the gradient's top singular value and |step| / |W|
+        assert stats[name]["sigma_1"] == pytest.approx(float(t.S[0]), rel=1e-4)
+        assert stats[name]["relative_update"] == pytest.approx(float((step * G_r).norm() / W.norm()), rel=1e-4)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -167,12 +167,14 @@ def init_lora_one(
             else:
                 layer.reset_lora_parameters(adapter, True)
             delta = s * (lora_B.float() @ lora_A.float())
+            # a quantised layer's weight holds packed integers, whose norm is not |W|: no ratio then
+            packed = not base.weight.is_floating_point()
             stats.append(
                 {
                     "layer": name,
                     "shape": [layer.out_features, layer.in_features],  # not a packed weight's
                     "sigma_1": sigma_1,
-                    "relative_update": float(delta.norm() / base.weight.float().norm()),
+                    "relative_update": None if packed else float(delta.norm() / base.weight.float().norm()),
                 }
             )
     _keep_initial_state(peft_model, adapter, variant)

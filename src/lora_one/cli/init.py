@@ -16,9 +16,9 @@ def add_parser(sub) -> None:
 def print_layer_table(stats: list[dict]) -> None:
     print(f"{'layer':<48} {'shape':>12} {'sigma_1':>10} {'|sBA|/|W|':>10}")
     for s in stats:
-        sigma = f"{s['sigma_1']:.3e}" if s["sigma_1"] is not None else "-"
+        sigma, update = (f"{s[k]:.3e}" if s[k] is not None else "-" for k in ("sigma_1", "relative_update"))
         shape = "x".join(map(str, s["shape"]))
-        print(f"{s['layer']:<48} {shape:>12} {sigma:>10} {s['relative_update']:>10.3e}")
+        print(f"{s['layer']:<48} {shape:>12} {sigma:>10} {update:>10}")
 
 
 def cmd(args) -> dict:

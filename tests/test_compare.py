@@ -16,7 +16,7 @@ from tiny_models import one_thread, question_records, tiny_llama, write_jsonl  #
 from lora_one import compare
 from lora_one.cli import main
 from lora_one.cli.compare import parse_methods
-from lora_one.compare import CompareSettings, plan_methods, run_compare
+from lora_one.compare import CompareSettings, grid_edges, plan_methods, run_compare
 from lora_one.errors import UsageError
 from lora_one.settings import as_dict
 
@@ -185,6 +185,10 @@ def test_the_choice_never_reads_the_test_split(tiny, tmp_path, monkeypatch):
     summary = run_compare(settings(tiny, tmp_path / "cmp", lr_grid="2e-4,5e-4,1e-3", seeds=3), {"lora": None})
     r = summary["methods"]["lora"]
     assert r["chosen"] == {"lr": 1e-3}
+    # the largest of the grid: the report and the output say the best may lie beyond it
+    assert r["at_grid_edge"] == ["lr=0.001, the largest of 0.0002, 0.0005, 0.001"]
+    assert "- lora chose lr=0.001, the largest of 0.0002, 0.0005, 0.001: the best may lie beyond it; widen the " \
+        "grid." in (tmp_path / "cmp" / "report.md").read_text()
     assert [(s.eval_data, s.lr, s.seed) for s in calls] == \
         [(tiny["val"], lr, 0) for lr in (2e-4, 5e-4, 1e-3)] + [(tiny["test"], 1e-3, seed) for seed in (0, 1, 2)]
     # seeds 0, 1, 2 add 0, 0.01, 0.04 to the accuracy: mean 0.4 + 0.05 / 3, standard error by hand
@@ -218,6 +222,15 @@ def test_one_seed_has_no_error(tiny, tmp_path, monkeypatch):
     end = summary["methods"]["pissa"]["curves"]["accuracy"][-1]
     assert end["n"] == 1 and end["se"] is None and summary["methods"]["pissa"]["vs_lora"]["accuracy"][-1]["se"] is None
     assert "n=1, no error" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_grid_edges():
+    grid = {"lr": [2e-4, 5e-4, 1e-3], "gamma": [64.0, 128.0], "dora": [True, False]}
+    assert grid_edges(grid, {"lr": 5e-4, "gamma": 64.0, "dora": True}) == ["gamma=64, the smallest of 64, 128"]
+    assert grid_edges(grid, {"lr": 2e-4, "gamma": 128.0, "dora": False}) == [
+        "lr=0.0002, the smallest of 0.0002, 0.0005, 0.001", "gamma=128, the largest of 64, 128"]
+    assert grid_edges({"lr": [1e-3]}, {"lr": 1e-3}) == []  # one value: no choice, no edge
+    assert grid_edges({"gamma": ["auto", 64.0]}, {"gamma": 64.0}) == []  # not all numbers: no order
 
 
 def test_methods_and_grids(tiny):

@@ -223,6 +223,18 @@ def _best(runs: list[dict]) -> int:
     return scores.index(max(scores))
 
 
+def grid_edges(grid: dict, chosen: dict) -> list[str]:
+    """Each numeric grid whose choice is its smallest or largest value: the best may lie beyond it."""
+    notes = []
+    for key, values in grid.items():
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(set(numbers)) < 2 or len(numbers) < len(values) or chosen[key] not in (min(numbers), max(numbers)):
+            continue
+        edge = "largest" if chosen[key] == max(numbers) else "smallest"
+        notes.append(f"{key}={_text(chosen[key])}, the {edge} of {', '.join(_text(v) for v in values)}")
+    return notes
+
+
 def mean_se(values: list[float]) -> dict:
     """Mean and standard error (sample standard deviation / sqrt(n); None for n = 1)."""
     n = len(values)
@@ -368,6 +380,7 @@ def run_compare(s: CompareSettings, methods: Mapping[str, Mapping | None] | None
             "method": method.base, "settings": method.fixed, "grid": method.grid,
             "selection": [{"setting": c, **r} for c, r in zip(candidates, selection)],
             "chosen": chosen,
+            "at_grid_edge": grid_edges(method.grid, chosen) if selection else [],
             "runs": [{"seed": seed, **runs(method, chosen, seed, report_role)} for seed in seeds],
         }
     summary = summarize(s, results, report_role, {role: sample for role, (sample, _) in samples.items()}, what)
@@ -381,6 +394,8 @@ def run_compare(s: CompareSettings, methods: Mapping[str, Mapping | None] | None
                     split=split)
     write_text_atomic(out / "report.md", report_markdown(summary))
     print("\n" + final_table(summary))
+    for note in edge_notes(summary):
+        print(f"note: {note}")
     print(f"\nwrote {out / 'report.md'}, {out / 'comparison.png'} and {out / 'summary.json'} "
           f"({summary['wall_seconds']:.0f} s in all)", flush=True)
     return summary
@@ -457,6 +472,11 @@ def _step_table(summary: dict, key: str, digits: int) -> str:
     return "\n".join(rows)
 
 
+def edge_notes(summary: dict) -> list[str]:
+    return [f"{label} chose {note}: the best may lie beyond it; widen the grid." for label, r in
+            summary["methods"].items() for note in r["at_grid_edge"]]
+
+
 def _selection_section(summary: dict) -> list[str]:
     metric = summary["metric"]
     chosen_by = (f"the validation {metric.replace('_', ' ')} at the last step (ties: the lower validation loss, then "
@@ -475,6 +495,8 @@ def _selection_section(summary: dict) -> list[str]:
                          f"{end['eval_loss']:.4f}", "yes" if c["setting"] == r["chosen"] else ""]
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        edges = edge_notes(summary)
+        lines += [f"- {note}" for note in edges] + ([""] if edges else [])
     fixed = [label for label, r in summary["methods"].items() if not r["selection"]]
     if fixed:
         lines += [f"Nothing to choose (one setting): {', '.join(fixed)}.", ""]

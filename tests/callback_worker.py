@@ -22,7 +22,7 @@ from lora_one import LoraOneCallback
 # Each of 2 ranks draws its first batch of 2 from its own shard: together the examples that one process
 # with batches of 2 draws from its first two batches.
 INIT_SAMPLES, BATCH_PER_PROCESS = 4, 2
-# the adapter and the quiet CPU Trainer of test_callback.py too
+# the quiet CPU Trainer of test_callback.py too
 QUIET = {"bf16": False, "activation_checkpointing": False, "use_cpu": True, "report_to": [],
          "dataloader_num_workers": 0, "disable_tqdm": True, "logging_steps": 1, "seed": 0}
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from conftest import padded_batches, ragged_examples, tiny_llama
 from peft import LoraConfig
+from tiny_models import LORA
 
 from lora_one import estimate_gradients, get_lora_one_model, save_adapter
 from lora_one.errors import UsageError
@@ -25,7 +26,7 @@ CASES = {
     "sketch_2_passes": ({"grad_mode": "sketch", "sketch_passes": 2}, 1),
     "single-batch": ({"grad_mode": "single-batch"}, 2),
 }
-CONFIG = LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")
+CONFIG = LoraConfig(**LORA)
 
 
 def lora_state(model):

@@ -7,6 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lora_one.cli import main
+from lora_one.cli.init import print_layer_table
 
 
 def write_jsonl(path, rows):
@@ -130,3 +131,11 @@ def test_init_sketch_passes_from_cli(tiny_llama_dir, tmp_path, capsys):
     capsys.readouterr()
     assert run("init", *common, "--out", tmp_path / "bad", "--sketch-passes", 2) == 2
     assert "mode='sketch'" in capsys.readouterr().err
+
+
+def test_layer_table_shows_a_missing_number_as_a_dash(capsys):
+    """A quantised layer has no |W| (relative_update None), a PiSSA layer no gradient (sigma_1 None)."""
+    print_layer_table([{"layer": "q", "shape": [4, 8], "sigma_1": None, "relative_update": None},
+                       {"layer": "v", "shape": [4, 8], "sigma_1": 2.5, "relative_update": 0.0125}])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [["q", "4x8", "-", "-"], ["v", "4x8", "2.500e+00", "1.250e-02"]]

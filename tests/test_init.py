@@ -9,11 +9,10 @@ import torch
 from conftest import cls_batches, lm_batches, tiny_bert, tiny_llama
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
+from tiny_models import LORA
 
 from lora_one import VARIANTS, estimate_gradients, get_lora_one_model, init_lora_one, save_adapter
 from lora_one.spectral import exact_svd
-
-CONFIG = dict(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")
 
 
 def logits(model, batches):
@@ -41,7 +40,7 @@ def test_step0_is_a_normalised_rank_r_gradient_step(variant):
     model, batches = tiny_llama(), lm_batches()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     G = estimate_gradients(model, batches, progress=False, num_samples=4)
-    peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), batches, variant=variant, gamma=64, svd="exact",
+    peft_model = get_lora_one_model(model, LoraConfig(**LORA), batches, variant=variant, gamma=64, svd="exact",
                                     num_samples=4)
     s = 16 / 4**0.5
     stats = {row["layer"]: row for row in peft_model.lora_one_metadata["layers"]}
@@ -64,7 +63,7 @@ def test_round_trip_through_stock_peft(variant, tmp_path):
     trained model's logits; base-changing variants keep the function at step 0."""
     base, batches = tiny_llama(), lm_batches()
     base_logits = logits(base, batches)
-    peft_model = get_lora_one_model(copy.deepcopy(base), LoraConfig(**CONFIG), batches, variant=variant, gamma=16,
+    peft_model = get_lora_one_model(copy.deepcopy(base), LoraConfig(**LORA), batches, variant=variant, gamma=16,
                                     num_samples=4)
     step0 = logits(peft_model, batches)
     if variant in ("lora-one-v1", "lora-ga", "pissa", "lora"):
@@ -98,10 +97,10 @@ def test_sequence_classification_round_trip(tmp_path):
 def test_same_seed_gives_bit_identical_adapter(variant, tmp_path):
     for run in ("a", "b"):
         model = tiny_llama()
-        peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), lm_batches(), variant=variant, seed=3,
+        peft_model = get_lora_one_model(model, LoraConfig(**LORA), lm_batches(), variant=variant, seed=3,
                                         num_samples=4)
         save_adapter(peft_model, tmp_path / run)
-    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -113,13 +112,13 @@ def test_rank_larger_than_a_layer_is_refused_before_any_work():
 
 def test_unknown_variant():
     with pytest.raises(ValueError, match="Unknown variant 'lora-two'"):
-        get_lora_one_model(tiny_llama(), LoraConfig(**CONFIG), lm_batches(), variant="lora-two")
+        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), lm_batches(), variant="lora-two")
 
 
 def test_missing_gradient_for_a_layer():
     model, batches = tiny_llama(), lm_batches()
     G = estimate_gradients(model, batches, target_modules=["q_proj"], progress=False, num_samples=4)
-    peft_model = get_lora_one_model(model, LoraConfig(**CONFIG), None, variant="lora")
+    peft_model = get_lora_one_model(model, LoraConfig(**LORA), None, variant="lora")
     with pytest.raises(ValueError, match="No gradient for LoRA layer 'model.layers.0.self_attn.k_proj'"):
         init_lora_one(peft_model, G)
 
@@ -128,7 +127,7 @@ def test_init_accepts_peft_model_names():
     """Gradients keyed by the PeftModel's own module names work as well as base-model names."""
     model, batches = tiny_llama(), lm_batches()
     G = estimate_gradients(model, batches, progress=False, num_samples=4)
-    peft_a = get_lora_one_model(copy.deepcopy(model), LoraConfig(**CONFIG), None, variant="lora")
+    peft_a = get_lora_one_model(copy.deepcopy(model), LoraConfig(**LORA), None, variant="lora")
     peft_b = copy.deepcopy(peft_a)
     init_lora_one(peft_a, G)
     init_lora_one(peft_b, {f"base_model.model.{k}.base_layer": v for k, v in G.items()})
@@ -144,12 +143,13 @@ def test_lora_one_without_rslora_warns_of_its_sqrt_r_smaller_step():
     for variant, rslora in (("lora-one", True), ("lora-one", False), ("lora", False)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            peft_model = get_lora_one_model(copy.deepcopy(model), LoraConfig(**{**CONFIG, "use_rslora": rslora}),
+            peft_model = get_lora_one_model(copy.deepcopy(model), LoraConfig(**{**LORA, "use_rslora": rslora}),
                                             batches, variant=variant, progress=False, num_samples=4)
         said = [str(w.message) for w in caught if "use_rslora" in str(w.message)]
         assert len(said) == (variant == "lora-one" and not rslora), said
         assert all("Pass use_rslora=True" in m for m in said)
         layer = dict(lora_pairs(peft_model))["model.layers.0.mlp.down_proj"]
-        updates[variant, rslora] = layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+        B, A = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+        updates[variant, rslora] = layer.scaling["default"] * (B @ A)
     ratio = updates["lora-one", True].norm() / updates["lora-one", False].norm()
     assert float(ratio) == pytest.approx(4**0.5, rel=1e-5)

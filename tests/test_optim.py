@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import lm_batches, tiny_llama
 from peft import LoraConfig
+from tiny_models import LORA
 
 from lora_one import create_optimizer, get_lora_one_model
 from lora_one.preconditioner import precondition
@@ -38,8 +39,7 @@ def test_preconditioned_adamw_equals_adamw_on_preconditioned_gradients(reg):
     """Three steps of create_optimizer(precondition=True) == plain AdamW fed the reference-preconditioned
     gradients, computed from the factors before each step."""
     batches = lm_batches(n=3)
-    model = get_lora_one_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, use_rslora=True,
-                               target_modules="all-linear"), batches, gamma=16, num_samples=3)
+    model = get_lora_one_model(tiny_llama(), LoraConfig(**LORA), batches, gamma=16, num_samples=3)
     reference, plain = copy.deepcopy(model), copy.deepcopy(model)
     opt = create_optimizer(model, lr=1e-2, precondition=True, reg=reg, weight_decay=0.0)
     plain_opt = create_optimizer(plain, lr=1e-2, precondition=False, weight_decay=0.0)
@@ -61,7 +61,8 @@ def test_preconditioned_adamw_equals_adamw_on_preconditioned_gradients(reg):
         if p.requires_grad:
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
     # and the preconditioner really changed the trajectory compared with plain AdamW
-    gap = max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), plain.parameters()) if p.requires_grad)
+    gap = max(float((p - q).detach().abs().max())
+              for p, q in zip(model.parameters(), plain.parameters()) if p.requires_grad)
     assert gap > 1e-3
 
 

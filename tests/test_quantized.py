@@ -108,6 +108,7 @@ def test_8bit_sketch_init_is_near_the_float32_step(base_dir, tok, examples):
                                     progress=False)
     sines = sorted(sine(f, reference_32[n]) for n, f in step0_factors(peft_model).items())
     assert sines[len(sines) // 2] < 0.05 and sines[-1] < 0.2, sines
+    assert all(row["relative_update"] is None for row in peft_model.lora_one_metadata["layers"])  # int8 codes
 
 
 def test_accumulate_mode_refuses_a_quantised_base_naming_sketch(base_dir, tok, examples):

@@ -95,7 +95,7 @@ def _dialog() -> list[dict]:
     ]
 
 
-DATASETS = {  # name -> (records, validation size, test size)
+DATASETS = {  # name -> (loader of its records, validation size, test size)
     "trec": (_trec, 300, 500), "sentiment": (_sentiment, 500, 1000), "unicode": (_unicode, 200, 300),
     "dialog": (_dialog, 300, 500)}
 

@@ -131,7 +131,7 @@ def init_lora_one(
     SVD (`single-batch` and `sketch` modes; `lora-ga` needs the full `G`); `pissa` and `lora` need
     none. Variants in `BASE_CHANGING_VARIANTS` also rewrite the base weight so that the model's
     function is unchanged at step 0. Returns per-layer statistics: `sigma_1` of `-G` (for the gradient
-    variants) and the relative update `||s B A||_F / ||W||_F`.
+    variants) and the relative update `||s B A||_F / ||W||_F` (None for a quantised layer).
     """
     check_variant(variant)
     if gamma_grid(gamma, variant) is not None:
@@ -167,7 +167,7 @@ def init_lora_one(
             else:
                 layer.reset_lora_parameters(adapter, True)
             delta = s * (lora_B.float() @ lora_A.float())
-            # a quantised layer's weight holds packed integers, whose norm is not |W|: no ratio then
+            # a quantised layer's weight holds integer codes, whose norm is not |W|: no ratio then
             packed = not base.weight.is_floating_point()
             stats.append(
                 {

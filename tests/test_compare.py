@@ -224,6 +224,20 @@ def test_one_seed_has_no_error(tiny, tmp_path, monkeypatch):
     assert "n=1, no error" in (tmp_path / "cmp" / "report.md").read_text()
 
 
+def test_a_setting_that_acts_on_nothing_does_not_make_a_finished_run_another(tiny, tmp_path, monkeypatch):
+    """The damping acts only with the preconditioner: runs without it are read back whatever their damping
+    (a changed default must not throw them away); a preconditioned run of another damping is refused."""
+    calls = []
+    monkeypatch.setattr(compare, "run_finetune", fake_finetune(tiny, calls))
+    old = {"lora": {"lr": 5e-4, "prec_reg": 1e-6}, "lora-one+precond": {"lr": 5e-4, "prec_reg": 1e-6}}
+    run_compare(settings(tiny, tmp_path / "cmp", seeds=1), old)
+    assert len(calls) == 2
+    run_compare(settings(tiny, tmp_path / "cmp", seeds=1), {"lora": {"lr": 5e-4, "prec_reg": 1e-2}})
+    assert len(calls) == 2
+    with pytest.raises(UsageError, match="prec_reg 1e-06 there, 0.01 now"):
+        run_compare(settings(tiny, tmp_path / "cmp", seeds=1), {"lora-one+precond": {"lr": 5e-4, "prec_reg": 1e-2}})
+
+
 def test_grid_edges():
     grid = {"lr": [2e-4, 5e-4, 1e-3], "gamma": [64.0, 128.0], "dora": [True, False]}
     assert grid_edges(grid, {"lr": 5e-4, "gamma": 64.0, "dora": True}) == ["gamma=64, the smallest of 64, 128"]

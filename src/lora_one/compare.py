@@ -38,7 +38,7 @@ from lora_one.finetune import ARGS, METRICS, RESUME_FREE, run_finetune
 from lora_one.models import CLASSIFICATION, infer_task, resolve_model_path
 from lora_one.plots import plot_comparison
 from lora_one.save import SIDECAR
-from lora_one.settings import DataSettings, FinetuneSettings, as_dict, required, setting
+from lora_one.settings import DataSettings, FinetuneSettings, as_dict, inert, required, setting
 from lora_one.spectral import VARIANTS
 
 METHODS = {  # name -> the finetune settings that make the method
@@ -199,7 +199,7 @@ def _finished(folder: Path, s: FinetuneSettings, overwrite: bool) -> bool:
     saved = json.loads((folder / ARGS).read_text())
     # None: a default the run filled in (the task, the max length); "out": the comparison may have moved
     differ = [(k, v) for k, v in as_dict(s).items()
-              if k not in (*RESUME_FREE, "out") and v is not None and saved.get(k) != v]
+              if k not in (*RESUME_FREE, *inert(as_dict(s)), "out") and v is not None and saved.get(k) != v]
     if not differ or overwrite:
         return not differ
     key, value = differ[0]

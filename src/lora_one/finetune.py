@@ -59,7 +59,7 @@ from lora_one.plots import plot_loss
 from lora_one.probe import probe_head
 from lora_one.runs import base_model_name_of, complete_model_settings, gamma_line, load_task_data, lora_config_of
 from lora_one.save import SIDECAR, save_adapter
-from lora_one.settings import FinetuneSettings, as_dict
+from lora_one.settings import FinetuneSettings, as_dict, inert
 
 ARGS = "args.json"
 METRICS = "metrics.jsonl"
@@ -134,7 +134,7 @@ def _check_out_dir(out: Path, s: FinetuneSettings) -> None:
         saved, current = json.loads((out / ARGS).read_text()), json.loads(json.dumps(as_dict(s)))  # tuples: lists
         differ = [f"{k} {saved.get(k)!r} there, {current.get(k)!r} now"
                   for k in sorted(set(saved) | set(current))
-                  if k not in RESUME_FREE and saved.get(k) != current.get(k)]
+                  if k not in (*RESUME_FREE, *inert(current)) and saved.get(k) != current.get(k)]
         if differ:
             raise UsageError(f"--resume: {str(out)!r} is a run with other settings: {'; '.join(differ)}.")
         if completed_checkpoint(out) is None or not (out / STEP0).is_file():

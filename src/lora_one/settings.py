@@ -47,8 +47,8 @@ class DataSettings:
     data: str = required("training data: a .jsonl, .json, .csv/.tsv (UTF-8) or .parquet file, a Hub data set "
                          "hub:NAME[:CONFIG][@SPLIT] (online), or an embedded set (trec, sentiment, unicode, "
                          "dialog)")
-    task: str | None = setting(None, "default: causal-lm for *ForCausalLM models, seq2seq for *ForConditionalGeneration "
-                               "encoder-decoders (T5, BART), else classification", TASKS)
+    task: str | None = setting(None, "default: causal-lm for *ForCausalLM models, seq2seq for "
+                               "*ForConditionalGeneration encoder-decoders (T5, BART), else classification", TASKS)
     format: str | None = setting(None, "record format (default: detected from the fields): prompt-response (or TRL's "
                                  "prompt/completion), messages (a chat, the loss on the assistant turns), text (plain "
                                  "language modelling), text-label (classification)", FORMATS)
@@ -150,7 +150,8 @@ class InitSettings(DataSettings):
         if self.sketch_passes is not None and self.sketch_passes < 1:
             problems.append(f"--sketch-passes must be >= 1, got {self.sketch_passes}")
         if not self.target.replace(",", "").strip():
-            problems.append(f"--target {self.target!r} names no module; give all-linear or comma-separated module names")
+            problems.append(f"--target {self.target!r} names no module; give all-linear or comma-separated module "
+                            "names")
         if problems:
             raise UsageError("; ".join(problems) + ".")
         gamma_grid(self.gamma, self.variant)  # a gamma that is no step, or a search the variant cannot make
@@ -253,3 +254,9 @@ class EvalSettings(DataSettings, GenerationSettings):
 def as_dict(settings) -> dict:
     """The settings as `args.json` records them (and `--config` reads them back)."""
     return dataclasses.asdict(settings)
+
+
+def inert(settings: dict) -> set[str]:
+    """The settings of `as_dict` that act on nothing given the others, so two runs may differ in them
+    (a default that changed between versions does not make a finished run another run)."""
+    return set() if settings.get("precondition") else {"prec_reg"}

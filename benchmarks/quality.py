@@ -76,7 +76,7 @@ LEVERS = {  # one setting changed at a time; each is compared with the short sta
     # (the label before the colon), which are not run again here
     "lora-one:init_samples=64": {**ONE, "init_samples": 64},
     "lora-one:gamma=auto": {**ONE, "gamma": "auto"},
-    "lora-one:warmup_steps=0": {**ONE, "warmup_steps": 0},
+    "lora-one:warmup=0": {**ONE, "warmup_steps": 0, "warmup_ratio": 0.0},  # warmup_steps=0 alone: the 3% ratio
     "lora-one:rank=32": {**ONE, "rank": 32},
     "lora-one+precond:prec_reg=1e-4": {**PRECOND, "prec_reg": 1e-4},
     "lora-one+precond:prec_reg=1e-2": {**PRECOND, "prec_reg": 1e-2},

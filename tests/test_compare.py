@@ -161,15 +161,18 @@ VAL_ACC = {2e-4: 0.50, 5e-4: 0.60, 1e-3: 0.70}  # the validation split prefers 1
 TEST_ACC = {2e-4: 0.90, 5e-4: 0.60, 1e-3: 0.40}  # ... the test split 2e-4
 
 
-def fake_finetune(tiny, calls):
-    """Writes a finished run whose numbers depend on the split, the lr, the seed and the step."""
+def fake_finetune(tiny, calls, val_loss=None):
+    """Writes a finished run whose numbers depend on the split, the lr, the seed and the step
+    (`val_loss`: lr -> the validation loss instead, at every step)."""
     def run(s, step0_eval=None, callbacks=()):
         calls.append(s)
         out = Path(s.out)
         out.mkdir(parents=True, exist_ok=True)
         acc = (TEST_ACC if s.eval_data == tiny["test"] else VAL_ACC)[s.lr]
-        metrics = [{"step": step, "eval_loss": 2.0 - acc * step / 4 + 0.1 * s.seed, "eval_accuracy": acc * step / 4
-                    + 0.01 * s.seed ** 2, "eval_n": 12} for step in range(0, s.max_steps + 1, s.eval_every)]
+        fixed = val_loss[s.lr] if val_loss and s.eval_data == tiny["val"] else None
+        metrics = [{"step": step, "eval_loss": (fixed or 2.0 - acc * step / 4) + 0.1 * s.seed,
+                    "eval_accuracy": acc * step / 4 + 0.01 * s.seed ** 2, "eval_n": 12}
+                   for step in range(0, s.max_steps + 1, s.eval_every)]
         training = {"steps": s.max_steps, "init_seconds": 1.0 + s.seed, "train_seconds": 3.0, "eval_seconds": 1.0,
                     "step0_eval": metrics[0], "final_eval": metrics[-1]}
         (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -236,6 +239,18 @@ def test_a_setting_that_acts_on_nothing_does_not_make_a_finished_run_another(tin
     assert len(calls) == 2
     with pytest.raises(UsageError, match="prec_reg 1e-06 there, 0.01 now"):
         run_compare(settings(tiny, tmp_path / "cmp", seeds=1), {"lora-one+precond": {"lr": 5e-4, "prec_reg": 1e-2}})
+
+
+@pytest.mark.parametrize("select_by, chosen", [("metric", 1e-3), ("loss", 5e-4)])
+def test_select_by(select_by, chosen, tiny, tmp_path, monkeypatch):
+    """The validation accuracy prefers 1e-3 (VAL_ACC), the validation loss 5e-4."""
+    monkeypatch.setattr(compare, "run_finetune", fake_finetune(tiny, [], val_loss={2e-4: 0.9, 5e-4: 0.5, 1e-3: 0.7}))
+    summary = run_compare(settings(tiny, tmp_path / "cmp", lr_grid="2e-4,5e-4,1e-3", seeds=1, select_by=select_by),
+                          {"lora": None})
+    assert summary["methods"]["lora"]["chosen"] == {"lr": chosen}
+    assert summary["selected_by"] == {"metric": "accuracy", "loss": "loss"}[select_by]
+    said = "Chosen by the validation loss at the last step (--select-by loss)"
+    assert (said in (tmp_path / "cmp" / "report.md").read_text()) == (select_by == "loss")
 
 
 def test_grid_edges():

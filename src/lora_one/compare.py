@@ -92,6 +92,9 @@ class CompareSettings(FinetuneSettings):
     eval_samples: int | None = setting(None, "evaluate a fixed random sample of this many records of each held-out "
                                        f"split (default: all; {GENERATION_SAMPLES} when the responses are open, "
                                        "scored by exact match of greedy generations, which is slow)")
+    select_by: str = setting("metric", "what chooses each method's setting on the validation split: metric (accuracy "
+                             "or exact match, ties to the lower loss) or loss (when few greedy answers are exact, "
+                             "exact match cannot tell the candidates apart)", ("metric", "loss"))
     overwrite: bool = setting(False, "run again the finished runs in --out made with other settings (default: "
                               "refuse), and write into an --out that holds other files")
 
@@ -212,12 +215,12 @@ def metric_of(entry: dict) -> str | None:
     return next((m for m in ("accuracy", "exact_match") if f"eval_{m}" in entry), None)
 
 
-def _best(runs: list[dict]) -> int:
+def _best(runs: list[dict], select_by: str = "metric") -> int:
     """Index of the run with the best last evaluation: the highest metric, ties to the lower loss (the
-    lowest loss when there is no metric), then to the first."""
+    lowest loss when there is no metric, or by `select_by="loss"`), then to the first."""
     def score(run):
         end = run["final_eval"]
-        metric = metric_of(end)
+        metric = metric_of(end) if select_by == "metric" else None
         return (end[f"eval_{metric}"], -end["eval_loss"]) if metric else (-end["eval_loss"],)
     scores = [score(r) for r in runs]
     return scores.index(max(scores))
@@ -375,7 +378,7 @@ def run_compare(s: CompareSettings, methods: Mapping[str, Mapping | None] | None
     for method in plan:
         candidates = method.candidates()
         selection = [runs(method, c, seeds[0], "val") for c in candidates] if len(candidates) > 1 else []
-        chosen = candidates[_best(selection)] if selection else candidates[0]
+        chosen = candidates[_best(selection, s.select_by)] if selection else candidates[0]
         results[method.label] = {
             "method": method.base, "settings": method.fixed, "grid": method.grid,
             "selection": [{"setting": c, **r} for c, r in zip(candidates, selection)],
@@ -423,7 +426,7 @@ def summarize(s: CompareSettings, results: dict, report_role: str, samples: dict
         "what": what or f"{s.model} fine-tuned on {s.data}",
         "model": s.model, "data": s.data, "validation_data": s.eval_data, "test_data": s.test_data,
         "report_split": ROLES[report_role], "eval_samples": samples,
-        "metric": metric, "selected_by": metric or "loss",
+        "metric": metric, "selected_by": metric if metric and s.select_by == "metric" else "loss",
         "seeds": list(range(s.seed, s.seed + s.seeds)), "steps": first["steps"], "batch_size": s.batch_size,
         "eval_steps": [p["step"] for p in next(iter(results.values()))["curves"]["loss"]],
         "eval_n": first["final_eval"].get("eval_n"), "lora_final_loss": lora_final, "methods": results,
@@ -479,9 +482,12 @@ def edge_notes(summary: dict) -> list[str]:
 
 def _selection_section(summary: dict) -> list[str]:
     metric = summary["metric"]
-    chosen_by = (f"the validation {metric.replace('_', ' ')} at the last step (ties: the lower validation loss, then "
-                 "the first in the grid)" if metric else "the validation loss at the last step (the data has no "
-                 "accuracy or exact match)")
+    if summary["selected_by"] != "loss":
+        chosen_by = (f"the validation {metric.replace('_', ' ')} at the last step (ties: the lower validation loss, "
+                     "then the first in the grid)")
+    else:
+        chosen_by = "the validation loss at the last step (" + (
+            "--select-by loss" if metric else "the data has no accuracy or exact match") + ")"
     lines = [f"## Choice of each method's setting (validation split, seed {summary['seeds'][0]})", ""]
     chose = {label: r for label, r in summary["methods"].items() if r["selection"]}
     if chose:

@@ -186,6 +186,25 @@ def lever_table(task: str) -> list[str]:
     return rows + _seconds(f"levers-{task}")
 
 
+def lever_verdicts() -> list[str]:
+    """Levers x tasks: each lever's loss minus its method's (short stage, same seeds) ± se, and the verdict."""
+    done = [t for t in TASKS if (RESULTS / f"levers-{t}.json").exists() and (RESULTS / f"short-{t}.json").exists()]
+    if not done:
+        return []
+    levers = {t: json.loads((RESULTS / f"levers-{t}.json").read_text())["methods"] for t in done}
+    short = {t: json.loads((RESULTS / f"short-{t}.json").read_text())["methods"] for t in done}
+    rows = ["### Levers (40 steps): loss minus that of the lever's method", "",
+            "| lever | " + " | ".join(done) + " |", "|---|" + "---:|" * len(done)]
+    for label in LEVERS:
+        cells = []
+        for t in done:
+            r = levers[t].get(label)
+            d = difference(r["runs"], short[t][label.partition(":")[0]]["runs"], "loss")[-1] if r else None
+            cells.append(" ".join(_diff_cells(d, 4, False)) if d else "not run")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows + [""]
+
+
 def verdict_tables() -> list[str]:
     """Per budget and quantity, methods x tasks: the difference to LoRA ± se and its verdict."""
     rows = []
@@ -271,7 +290,7 @@ def main() -> None:
         p.error(f"--methods: the {args.stage} stage has {', '.join(STAGES[args.stage][2])}")
     if args.summary:
         done = [(stage, task) for stage in STAGES for task in TASKS if (RESULTS / f"{stage}-{task}.json").exists()]
-        print("\n".join(verdict_tables() + [line for stage, task in done for line in (
+        print("\n".join(verdict_tables() + lever_verdicts() + [line for stage, task in done for line in (
             lever_table(task) if stage == "levers" else summary_table(f"{stage}-{task}"))]))
         if any(stage != "levers" for stage, _ in done):
             plot_differences(RESULTS / "summary.png")

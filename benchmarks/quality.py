@@ -167,6 +167,11 @@ def summary_table(name: str) -> list[str]:
     return rows + _seconds(name)
 
 
+def _vs_its_method(label: str, lever: dict, short: dict, key: str) -> dict:
+    """A lever's runs minus the short stage's runs of its method (the label before the colon), at the last step."""
+    return difference(lever["runs"], short[label.partition(":")[0]]["runs"], key)[-1]
+
+
 def lever_table(task: str) -> list[str]:
     """Each lever against the short stage's runs of its method (same seeds, data order and budget)."""
     s = json.loads((RESULTS / f"levers-{task}.json").read_text())
@@ -181,7 +186,7 @@ def lever_table(task: str) -> list[str]:
         for label, r in s["methods"].items():
             if label.partition(":")[0] == base:
                 end = {k: v[-1] for k, v in r["curves"].items()}
-                vs = {k: difference(r["runs"], short[base]["runs"], k)[-1] for k in r["curves"]}
+                vs = {k: _vs_its_method(label, r, short, k) for k in r["curves"]}
                 rows.append("| " + " | ".join([label, *_cells(end, vs, s["metric"])]) + " |")
     return rows + _seconds(f"levers-{task}")
 
@@ -199,7 +204,7 @@ def lever_verdicts() -> list[str]:
         cells = []
         for t in done:
             r = levers[t].get(label)
-            d = difference(r["runs"], short[t][label.partition(":")[0]]["runs"], "loss")[-1] if r else None
+            d = _vs_its_method(label, r, short[t], "loss") if r else None
             cells.append(" ".join(_diff_cells(d, 4, False)) if d else "not run")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return rows + [""]

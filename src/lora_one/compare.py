@@ -199,10 +199,10 @@ def _finished(folder: Path, s: FinetuneSettings, overwrite: bool) -> bool:
     or run again under `overwrite`)."""
     if not all((folder / name).is_file() for name in (ADAPTER.marker, SIDECAR, ARGS, METRICS)):
         return False
-    saved = json.loads((folder / ARGS).read_text())
+    saved, current = json.loads((folder / ARGS).read_text()), as_dict(s)
+    free = {*RESUME_FREE, *inert(current), "out"}
     # None: a default the run filled in (the task, the max length); "out": the comparison may have moved
-    differ = [(k, v) for k, v in as_dict(s).items()
-              if k not in (*RESUME_FREE, *inert(as_dict(s)), "out") and v is not None and saved.get(k) != v]
+    differ = [(k, v) for k, v in current.items() if k not in free and v is not None and saved.get(k) != v]
     if not differ or overwrite:
         return not differ
     key, value = differ[0]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -251,6 +253,53 @@ def test_select_by(select_by, chosen, tiny, tmp_path, monkeypatch):
     assert summary["selected_by"] == {"metric": "accuracy", "loss": "loss"}[select_by]
     said = "Chosen by the validation loss at the last step (--select-by loss)"
     assert (said in (tmp_path / "cmp" / "report.md").read_text()) == (select_by == "loss")
+
+
+
+# Every setting of a compare run whose value may be a container, with such a value: args.json holds it as JSON
+NON_SCALAR = {"gamma": (64.0, 128.0)}  # a gamma grid, searched by every run's init
+
+
+def test_the_non_scalar_settings_are_all_known():
+    def containers(hint):
+        return {typing.get_origin(t) or t for t in (hint, *typing.get_args(hint))} & {tuple, list, dict, set}
+    assert {name for name, hint in typing.get_type_hints(CompareSettings).items() if containers(hint)} == \
+        set(NON_SCALAR)
+
+
+@pytest.mark.parametrize("name", NON_SCALAR)
+def test_a_comparison_with_a_non_scalar_setting_resumes(name, tiny, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_finetune", fake_finetune(tiny, calls))
+    s = settings(tiny, tmp_path / "cmp", lr_grid="2e-4,1e-3", seeds=1, **{name: NON_SCALAR[name]})
+    first = run_compare(s, {"lora-one": None})
+    assert len(calls) == 3  # two candidates, one seed on the test split
+    assert json.loads((Path(calls[0].out) / "args.json").read_text())[name] == list(NON_SCALAR[name])
+    again = run_compare(s, {"lora-one": None})
+    assert len(calls) == 3 and again["methods"] == first["methods"]
+
+
+def test_a_candidate_that_diverged_is_never_chosen_and_the_report_says_so(tiny, tmp_path, monkeypatch, capsys):
+    """1e-3 has the best validation accuracy and 2e-4 comes first, but both have a NaN loss: 5e-4 is chosen,
+    by the metric or by the loss."""
+    nan = float("nan")
+    for select_by in ("metric", "loss"):
+        out = tmp_path / select_by
+        monkeypatch.setattr(compare, "run_finetune", fake_finetune(tiny, [], val_loss={2e-4: nan, 5e-4: 0.5,
+                                                                                       1e-3: nan}))
+        summary = run_compare(settings(tiny, out, lr_grid="2e-4,5e-4,1e-3", seeds=1, select_by=select_by),
+                              {"lora": None})
+        r = summary["methods"]["lora"]
+        assert r["chosen"] == {"lr": 5e-4}, select_by
+        assert r["diverged"] == [{"lr": 2e-4}, {"lr": 1e-3}]
+        report, printed = (out / "report.md").read_text(), capsys.readouterr().out
+        for lr in ("0.0002", "0.001"):
+            note = f"lora diverged at lr={lr} on the validation split (a non-finite loss): never chosen."
+            assert f"- {note}" in report and f"note: {note}" in printed
+            assert re.search(rf"\| lora \| lr={lr} \|.* \| nan \| diverged \|", report)
+    monkeypatch.setattr(compare, "run_finetune", fake_finetune(tiny, [], val_loss={2e-4: nan, 1e-3: float("inf")}))
+    with pytest.raises(UsageError, match="Every setting of lora diverged on the validation split"):
+        run_compare(settings(tiny, tmp_path / "all", lr_grid="2e-4,1e-3", seeds=1), {"lora": None})
 
 
 def test_grid_edges():

@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import lm_batches, padded_batches, ragged_examples, tiny_llama
 from peft import LoraConfig
+from safetensors.torch import load_file, save_file
 from tiny_models import LORA
 
-from lora_one import estimate_gradients, get_lora_one_model
+from lora_one import estimate_gradients, get_lora_one_model, gradcache
 from lora_one.errors import UsageError
 from lora_one.gradcache import GradientCache
 
@@ -235,6 +236,53 @@ def test_two_ranks_share_one_entry_and_match_one_process(tmp_path):
     assert got.keys() == expected.keys()
     for name in expected:
         assert float((got[name] - expected[name]).norm() / expected[name].norm()) <= 1e-5, name
+
+
+
+def _status(key: str) -> int:
+    """A `/proc/self/status` field in bytes."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(f"{key}:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak resident set is read on Linux")
+def test_a_read_holds_the_entry_once(tmp_path):
+    """The checksum and the read of a 64 MB entry grow the resident set by the entry once, mapped pages
+    included (reading the file into memory and loading tensors from those bytes held it twice).
+    `benchmarks/grad_cache_memory.py` measures the same in a fresh process."""
+    shape = (2048, 4096)
+    fields = {"mode": "accumulate", "targets": {"a": list(shape), "b": list(shape)}}
+    stored = {name: torch.randn(shape, generator=torch.Generator().manual_seed(i))
+              for i, name in enumerate(fields["targets"])}
+    GradientCache(tmp_path).store(fields, None, stored)
+    size = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the present resident set
+    before = _status("VmRSS")
+    found = GradientCache(tmp_path).lookup(fields, None, {name: torch.nn.Linear(1, 1) for name in stored},
+                                           offload=False)
+    assert all(torch.equal(found[name], stored[name]) for name in stored)  # every page read
+    assert (_status("VmHWM") - before) / size <= 1.1
+
+
+def test_a_tensor_file_replaced_after_its_checksum_is_not_used(tmp_path, monkeypatch):
+    """A writer's `os.replace` between the checksum and the mapping: the file mapped is not the file
+    checked, so the entry is not used."""
+    batches = lm_batches(n=4)
+    first = adapter(init(batches, cache_dir=tmp_path, progress=False))
+    (manifest,) = entries(tmp_path)
+    tensors = manifest.with_suffix(".safetensors")
+    real = gradcache.safe_open
+
+    def replaced_first(path, **kwargs):
+        save_file({name: 2 * g for name, g in load_file(tensors).items()}, tmp_path / "other")
+        os.replace(tmp_path / "other", tensors)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(gradcache, "safe_open", replaced_first)
+    with pytest.warns(UserWarning, match=r"is damaged \(the tensor file was replaced while it was read\)"):
+        second = init(batches, cache_dir=tmp_path, progress=False)
+    assert not second.lora_one_metadata["gradient_cache"]["hit"]
+    assert_identical(adapter(second), first)
 
 
 def worker(out: Path) -> None:

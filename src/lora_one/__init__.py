@@ -8,11 +8,20 @@
 
 import logging
 
-# bitsandbytes (which PEFT imports when it is installed) says on every import that an optional Hub kernel
-# is missing, its own CPU kernels then serving, and on every 8-bit matmul that its inputs go to float16, as
-# int8 matmuls always take them: noise, once per process or per layer call.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+# `import peft` imports bitsandbytes when it is installed (peft/helpers.py), whose import fetches an optional
+# CPU kernel from the Hub through `kernels` and warns when it cannot (offline, untrusted), its own kernels then
+# serving. The kernel serves only weights repacked for inference, which lora-one never makes
+# (`models._keep_4bit_layers_differentiable`), so those warnings are muted while PEFT is imported, and
+# the loggers' levels restored after.
+_muted = {name: logging.getLogger(name).level for name in ("kernels", "bitsandbytes.backends.cpu.ops")}
+for _name in _muted:
+    logging.getLogger(_name).setLevel(logging.ERROR)
+try:
+    import peft  # noqa: F401
+finally:
+    for _name, _level in _muted.items():
+        logging.getLogger(_name).setLevel(_level)
+    del _muted, _name, _level
 
 from lora_one.callback import LoraOneCallback
 from lora_one.gradients import estimate_gradients

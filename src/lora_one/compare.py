@@ -199,7 +199,8 @@ def _finished(folder: Path, s: FinetuneSettings, overwrite: bool) -> bool:
     or run again under `overwrite`)."""
     if not all((folder / name).is_file() for name in (ADAPTER.marker, SIDECAR, ARGS, METRICS)):
         return False
-    saved, current = json.loads((folder / ARGS).read_text()), as_dict(s)
+    # through JSON, as args.json was written: a tuple (a gamma grid) is a list there
+    saved, current = json.loads((folder / ARGS).read_text()), json.loads(json.dumps(as_dict(s)))
     free = {*RESUME_FREE, *inert(current), "out"}
     # None: a default the run filled in (the task, the max length); "out": the comparison may have moved
     differ = [(k, v) for k, v in current.items() if k not in free and v is not None and saved.get(k) != v]
@@ -215,15 +216,23 @@ def metric_of(entry: dict) -> str | None:
     return next((m for m in ("accuracy", "exact_match") if f"eval_{m}" in entry), None)
 
 
-def _best(runs: list[dict], select_by: str = "metric") -> int:
+def diverged(run: dict) -> bool:
+    """Whether a run's last evaluation is not finite: its loss went to inf or NaN."""
+    end = run["final_eval"]
+    metric = metric_of(end)
+    return not all(math.isfinite(end[f"eval_{key}"]) for key in ("loss", *([metric] if metric else [])))
+
+
+def _best(runs: list[dict], select_by: str = "metric") -> int | None:
     """Index of the run with the best last evaluation: the highest metric, ties to the lower loss (the
-    lowest loss when there is no metric, or by `select_by="loss"`), then to the first."""
+    lowest loss when there is no metric, or by `select_by="loss"`), then to the first. A run that
+    diverged is never the best (None when all did): NaN compares false, so `max` could pick it."""
     def score(run):
         end = run["final_eval"]
         metric = metric_of(end) if select_by == "metric" else None
         return (end[f"eval_{metric}"], -end["eval_loss"]) if metric else (-end["eval_loss"],)
-    scores = [score(r) for r in runs]
-    return scores.index(max(scores))
+    scores = {i: score(r) for i, r in enumerate(runs) if not diverged(r)}
+    return max(scores, key=scores.__getitem__) if scores else None
 
 
 def grid_edges(grid: dict, chosen: dict) -> list[str]:
@@ -378,11 +387,17 @@ def run_compare(s: CompareSettings, methods: Mapping[str, Mapping | None] | None
     for method in plan:
         candidates = method.candidates()
         selection = [runs(method, c, seeds[0], "val") for c in candidates] if len(candidates) > 1 else []
-        chosen = candidates[_best(selection, s.select_by)] if selection else candidates[0]
+        best = _best(selection, s.select_by) if selection else 0
+        if best is None:
+            raise UsageError(f"Every setting of {method.label} diverged on the validation split (a non-finite loss), "
+                             "so none can be chosen; give it lower learning rates (--lr-grid, or "
+                             f"{method.label}:lr=... in --methods) or other settings.")
+        chosen = candidates[best]
         results[method.label] = {
             "method": method.base, "settings": method.fixed, "grid": method.grid,
             "selection": [{"setting": c, **r} for c, r in zip(candidates, selection)],
             "chosen": chosen,
+            "diverged": [c for c, r in zip(candidates, selection) if diverged(r)],
             "at_grid_edge": grid_edges(method.grid, chosen) if selection else [],
             "runs": [{"seed": seed, **runs(method, chosen, seed, report_role)} for seed in seeds],
         }
@@ -397,7 +412,7 @@ def run_compare(s: CompareSettings, methods: Mapping[str, Mapping | None] | None
                     split=split)
     write_text_atomic(out / "report.md", report_markdown(summary))
     print("\n" + final_table(summary))
-    for note in edge_notes(summary):
+    for note in selection_notes(summary):
         print(f"note: {note}")
     print(f"\nwrote {out / 'report.md'}, {out / 'comparison.png'} and {out / 'summary.json'} "
           f"({summary['wall_seconds']:.0f} s in all)", flush=True)
@@ -475,9 +490,14 @@ def _step_table(summary: dict, key: str, digits: int) -> str:
     return "\n".join(rows)
 
 
-def edge_notes(summary: dict) -> list[str]:
-    return [f"{label} chose {note}: the best may lie beyond it; widen the grid." for label, r in
-            summary["methods"].items() for note in r["at_grid_edge"]]
+def selection_notes(summary: dict) -> list[str]:
+    """What the choice of each method's setting should be read with: a choice at a grid's edge, and
+    the candidates that diverged (never chosen)."""
+    methods = summary["methods"].items()
+    return [f"{label} chose {note}: the best may lie beyond it; widen the grid." for label, r in methods
+            for note in r["at_grid_edge"]] + [
+        f"{label} diverged at {setting_name(c)} on the validation split (a non-finite loss): never chosen."
+        for label, r in methods for c in r["diverged"]]
 
 
 def _selection_section(summary: dict) -> list[str]:
@@ -497,12 +517,13 @@ def _selection_section(summary: dict) -> list[str]:
         for label, r in chose.items():
             for c in r["selection"]:
                 end = c["final_eval"]
+                mark = "yes" if c["setting"] == r["chosen"] else "diverged" if c["setting"] in r["diverged"] else ""
                 cells = [label, setting_name(c["setting"]), *([f"{end[f'eval_{metric}']:.3f}"] if metric else []),
-                         f"{end['eval_loss']:.4f}", "yes" if c["setting"] == r["chosen"] else ""]
+                         f"{end['eval_loss']:.4f}", mark]
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        edges = edge_notes(summary)
-        lines += [f"- {note}" for note in edges] + ([""] if edges else [])
+        notes = selection_notes(summary)
+        lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     fixed = [label for label, r in summary["methods"].items() if not r["selection"]]
     if fixed:
         lines += [f"Nothing to choose (one setting): {', '.join(fixed)}.", ""]

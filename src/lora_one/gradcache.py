@@ -23,8 +23,9 @@ An entry is two files, each written atomically (`lora_one.files.replacing`), the
 and written last: `KEY.safetensors` (`accumulate`: `G` per layer; `single-batch` and `sketch`: the top-r
 SVD, `LAYER/U`, `/S`, `/Vh`) and `KEY.json` (the key's fields, what the entry holds and the SHA-256 of
 the tensor file). A read checks
-the manifest's fields against the key's and the tensor file against its checksum; a damaged entry is
-never used: a one-line warning, the gradient is recomputed and the entry rewritten. A top-r SVD
+the manifest's fields against the key's and the tensor file against its checksum (hashed in chunks), then
+maps the tensors from the file: an `accumulate` entry, 4 bytes per target weight, is never in memory twice.
+A damaged entry is never used: a one-line warning, the gradient is recomputed and the entry rewritten. A top-r SVD
 serves every rank up to r (its first triplets: as accurate as a fresh smaller sketch or more, though
 not bit-identical to one); a larger rank recomputes and replaces the entry. Under `torch.distributed`
 every rank passes the same folder and reads it (hits need a folder all ranks see), all recompute unless
@@ -44,8 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -192,19 +192,13 @@ class GradientCache:
     def _read(self, manifest: Path, tensors: Path, fields: dict, rank: int | None) -> dict | None:
         try:
             meta = json.loads(manifest.read_text(encoding="utf-8"))
-            data = tensors.read_bytes()
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _Damaged(f"{type(e).__name__}: {e}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise _Damaged("not a manifest of this cache format")
         if meta.get("fields") != json.loads(json.dumps(fields)):
             raise _Damaged("its manifest describes another gradient than its name")
-        if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
-            raise _Damaged("the tensor file does not match its checksum")
-        try:
-            stored = load_tensors(data)
-        except SafetensorError as e:
-            raise _Damaged(f"unreadable tensor file: {e}") from None
+        stored = _mapped_if_intact(tensors, meta.get("tensors_sha256"))
         shapes = fields["targets"]
         if fields["mode"] == "accumulate":
             if {n: list(t.shape) for n, t in stored.items()} != shapes:
@@ -251,6 +245,23 @@ class GradientCache:
             warnings.warn(f"could not write the gradient cache entry {tensors} ({e}); the run goes on without it.",
                           stacklevel=3)
         self.last = {"entry": str(tensors), "hit": False, "written": written}
+
+
+def _mapped_if_intact(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of `path`, mapped copy-on-write from the file, not read into memory, if the file's
+    SHA-256 is `sha256`."""
+    try:
+        with path.open("rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != sha256:
+                raise _Damaged("the tensor file does not match its checksum")
+            with safe_open(path, framework="pt") as mapped:
+                if not os.path.samestat(os.fstat(f.fileno()), os.stat(path)):  # a writer's os.replace since the hash
+                    raise _Damaged("the tensor file was replaced while it was read")
+                return {name: mapped.get_tensor(name) for name in mapped.keys()}
+    except OSError as e:
+        raise _Damaged(f"{type(e).__name__}: {e}") from None
+    except SafetensorError as e:
+        raise _Damaged(f"unreadable tensor file: {e}") from None
 
 
 def _to(value: torch.Tensor | TopSVD, device) -> torch.Tensor | TopSVD:

@@ -7,6 +7,7 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -265,6 +266,9 @@ def load_model(
     kwargs = {"dtype": dtype}
     if quantize:
         kwargs |= {"quantization_config": _quantization_config(quantize, dtype, task), "device_map": {"": str(device)}}
+    if quantize == "8bit":  # bitsandbytes warns at every 8-bit matmul that its input goes to float16, as int8
+        # matmuls always take it: noise at every layer call (the logger says nothing else)
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     if task == CAUSAL_LM:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif task == SEQ2SEQ:

@@ -197,9 +197,10 @@ def test_a_top_r_svd_serves_smaller_ranks_and_a_larger_rank_recomputes(tmp_path,
         assert torch.equal(t.Vh, rank4[name].Vh[:2])
     rank8, hit, ran = sketch(8)
     assert not hit and ran
-    assert "holds a rank-4 SVD, fewer than rank 8; recomputing" in capsys.readouterr().out
+    assert "holds a rank-4 SVD of 'model.layers.0.self_attn.q_proj', fewer than rank 8; recomputing" in \
+        capsys.readouterr().out
     (manifest,) = entries(tmp_path)
-    assert json.loads(manifest.read_text())["rank"] == 8  # replaced by the larger one
+    assert set(json.loads(manifest.read_text())["ranks"].values()) == {8}  # replaced by the larger one
     uncached = estimate_gradients(tiny_llama(), batches, mode="sketch", rank=8, num_samples=None, progress=False)
     for name, t in rank8.items():
         assert torch.equal(t.U, uncached[name].U) and torch.equal(t.S, uncached[name].S)

@@ -8,7 +8,7 @@
 At `on_train_begin` (after the Trainer built its optimizer and prepared model and dataloader, before
 the first step) the callback draws `init_samples` examples from the trainer's own training dataloader
 (with `gamma="auto"`, as many more after them, on which the line search judges the step), takes the
-one-step gradient of the LoRA layers' base weights (`estimate_gradients`) and writes `lora_A`/`lora_B`
+one-step gradient of the LoRA layers' base weights (`step0_gradients`) and writes `lora_A`/`lora_B`
 in place (`init_lora_one`). The optimizer holds those same Parameter objects and has
 no state yet, so nothing else needs to change. Resuming from a checkpoint (`state.global_step > 0`)
 keeps the factors the Trainer restored.
@@ -35,7 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from lora_one.errors import UsageError
 from lora_one.files import write_text_atomic
 from lora_one.gradcache import GradientCache
-from lora_one.gradients import estimate_gradients, init_and_held_out_samples
+from lora_one.gradients import init_and_held_out_samples
 from lora_one.gradients import init_samples as take_init_samples
 from lora_one.init import (
     NEEDS_GRADIENT,
@@ -43,6 +43,7 @@ from lora_one.init import (
     gamma_grid,
     init_metadata,
     initialise_adapter,
+    step0_gradients,
     warn_without_rslora,
 )
 from lora_one.parallel import is_main_process
@@ -155,9 +156,8 @@ class LoraOneCallback(TrainerCallback, ExportableState):
                     batches, held_out = init_and_held_out_samples(train_dataloader, self.init_samples, device)
                 else:
                     batches = take_init_samples(train_dataloader, self.init_samples, device)
-                gradients = estimate_gradients(
-                    model, batches, progress=not args.disable_tqdm, mode=self.grad_mode,
-                    rank=max(layer.r[adapter] for layer in lora_layers(model).values()), seed=self.seed,
+                gradients = step0_gradients(
+                    model, batches, adapter, progress=not args.disable_tqdm, mode=self.grad_mode, seed=self.seed,
                     passes=self.sketch_passes, num_samples=None, train_step=self._train_step(), cache_dir=cache,
                 )
             t1 = time.perf_counter()

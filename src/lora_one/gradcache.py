@@ -25,9 +25,10 @@ SVD, `LAYER/U`, `/S`, `/Vh`) and `KEY.json` (the key's fields, what the entry ho
 the tensor file). A read checks
 the manifest's fields against the key's and the tensor file against its checksum (hashed in chunks), then
 maps the tensors from the file: an `accumulate` entry, 4 bytes per target weight, is never in memory twice.
-A damaged entry is never used: a one-line warning, the gradient is recomputed and the entry rewritten. A top-r SVD
-serves every rank up to r (its first triplets: as accurate as a fresh smaller sketch or more, though
-not bit-identical to one); a larger rank recomputes and replaces the entry. Under `torch.distributed`
+A damaged entry is never used: a one-line warning, the gradient is recomputed and the entry rewritten. A layer's
+top-r SVD serves every rank up to its r (its first triplets: as accurate as a fresh smaller sketch or more,
+though not bit-identical to one); a larger rank for any layer recomputes and replaces the entry. The ranks are
+per layer, as `rank_pattern` makes them. Under `torch.distributed`
 every rank passes the same folder and reads it (hits need a folder all ranks see), all recompute unless
 every rank found the entry, and rank 0 writes; no rank waits for a file, so nothing can hang.
 """
@@ -56,7 +57,7 @@ from lora_one.spectral import TopSVD
 from lora_one.targets import base_model_of, lora_layers
 
 FORMAT = "lora-one gradient cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the SVD's rank per layer
 _SVD_PARTS = ("U", "S", "Vh")
 
 
@@ -166,15 +167,16 @@ class GradientCache:
         key = _key(fields)
         return self.folder / f"{key}.json", self.folder / f"{key}.safetensors"
 
-    def lookup(self, fields: dict, rank: int | None, targets: Mapping[str, nn.Module],
+    def lookup(self, fields: dict, ranks: Mapping[str, int] | None, targets: Mapping[str, nn.Module],
                offload: bool) -> dict[str, torch.Tensor | TopSVD] | None:
-        """The entry for `fields`, checked, on the devices `estimate_gradients` returns its result on; None
-        when this rank or any other has no usable entry (then every rank recomputes)."""
+        """The entry for `fields` (`ranks`: each layer's r for the SVD modes, None in `accumulate` mode),
+        checked, on the devices `estimate_gradients` returns its result on; None when this process or any
+        other has no usable entry (then every process recomputes)."""
         manifest, tensors = self._paths(fields)
         found = None
         if manifest.exists():
             try:
-                found = self._read(manifest, tensors, fields, rank)
+                found = self._read(manifest, tensors, fields, ranks)
             except _Damaged as e:
                 warnings.warn(f"gradient cache entry {tensors} is damaged ({e}); not using it: the gradient is "
                               "recomputed and the entry rewritten.", stacklevel=3)
@@ -189,7 +191,7 @@ class GradientCache:
         return {name: _to(value, "cpu" if offload and isinstance(value, torch.Tensor) else targets[name].weight.device)
                 for name, value in found.items()}
 
-    def _read(self, manifest: Path, tensors: Path, fields: dict, rank: int | None) -> dict | None:
+    def _read(self, manifest: Path, tensors: Path, fields: dict, ranks: Mapping[str, int] | None) -> dict | None:
         try:
             meta = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -204,23 +206,27 @@ class GradientCache:
             if {n: list(t.shape) for n, t in stored.items()} != shapes:
                 raise _Damaged("its layers or shapes differ from the model's")
             return stored
-        held = meta.get("rank")
-        if not isinstance(held, int) or {k for k in stored} != {f"{n}/{p}" for n in shapes for p in _SVD_PARTS}:
+        held = meta.get("ranks")
+        if (not isinstance(held, dict) or held.keys() != shapes.keys()
+                or {k for k in stored} != {f"{n}/{p}" for n in shapes for p in _SVD_PARTS}):
             raise _Damaged("its layers differ from the model's")
-        if held < rank:
+        short = [n for n in shapes if held[n] < ranks[n]]
+        if short:
             if is_main_process():
-                print(f"gradient cache: {tensors} holds a rank-{held} SVD, fewer than rank {rank}; recomputing",
-                      flush=True)
+                print(f"gradient cache: {tensors} holds a rank-{held[short[0]]} SVD of {short[0]!r}, fewer than rank "
+                      f"{ranks[short[0]]}; recomputing", flush=True)
             return None
         out = {}
         for name, (m, n) in shapes.items():
             U, S, Vh = (stored[f"{name}/{p}"] for p in _SVD_PARTS)
-            if U.shape != (m, held) or S.shape != (held,) or Vh.shape != (held, n):
+            r = held[name]
+            if U.shape != (m, r) or S.shape != (r,) or Vh.shape != (r, n):
                 raise _Damaged(f"the SVD of {name!r} has the wrong shapes")
-            out[name] = TopSVD(U[:, :rank], S[:rank], Vh[:rank])
+            out[name] = TopSVD(U[:, : ranks[name]], S[: ranks[name]], Vh[: ranks[name]])
         return out
 
-    def store(self, fields: dict, rank: int | None, gradients: Mapping[str, torch.Tensor | TopSVD]) -> None:
+    def store(self, fields: dict, ranks: Mapping[str, int] | None,
+              gradients: Mapping[str, torch.Tensor | TopSVD]) -> None:
         """Write the entry for `fields` (rank 0 only). A failed write is a warning: the run has its gradient."""
         if not is_main_process():
             return
@@ -238,7 +244,7 @@ class GradientCache:
                 with tmp.open("rb") as f:
                     checksum = hashlib.file_digest(f, "sha256").hexdigest()
             meta = {"format": FORMAT, "version": FORMAT_VERSION, "fields": fields, "tensors": tensors.name,
-                    "tensors_sha256": checksum, "rank": None if fields["mode"] == "accumulate" else rank}
+                    "tensors_sha256": checksum, "ranks": None if fields["mode"] == "accumulate" else dict(ranks)}
             write_text_atomic(manifest, json.dumps(meta, indent=1, sort_keys=True) + "\n")  # last: marks it complete
             written = True
         except (OSError, UsageError) as e:  # raised on rank 0 alone: the other ranks must not wait for it

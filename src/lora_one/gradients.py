@@ -17,9 +17,11 @@ every sketch pass sees the same samples. Three memory modes:
 - `accumulate`: only the target weights take a gradient; each is moved into an fp32 accumulator (on
   the weight's device, or on CPU with `offload=True`) by a post-accumulate-grad hook as soon as autograd
   produces it, so at most one raw layer gradient lives beside the accumulators. Returns `G` per layer.
+  Under `torch.distributed` an offloaded accumulator is summed over the ranks on the weight's device,
+  one layer at a time (NCCL reduces GPU tensors only).
 - `single-batch`: for one micro-batch per rank holding all its samples, each layer's gradient is
-  all-reduced and its top-r SVD taken inside its hook, the gradient dropped at once. Returns a `TopSVD`
-  per layer.
+  all-reduced and its top-r SVD (of the layer's own rank) taken inside its hook, the gradient dropped at
+  once. Returns a `TopSVD` per layer.
 - `sketch`: never forms a weight gradient. For `y = x W^T`, `G = sum_t g_t^T x_t`; forward hooks keep
   the layer inputs `x`, tensor hooks on the outputs receive `g = dL/dy`, and both feed the linear
   sketches `G @ Omega`, `Psi @ G` (`lora_one.sketch`). The base weights need no `requires_grad`, so a
@@ -155,10 +157,10 @@ class _Accumulate:
     reduces_in_backward = False
 
     def __init__(self, targets, offload: bool, **_):
+        self.devices = {n: m.weight.device for n, m in targets.items()}
         self.sums = {
-            n: torch.zeros(
-                m.out_features, m.in_features, dtype=torch.float32, device="cpu" if offload else m.weight.device
-            )
+            n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32,
+                           device="cpu" if offload else self.devices[n])
             for n, m in targets.items()
         }
         self.handles = [m.weight.register_post_accumulate_grad_hook(self._hook(n)) for n, m in targets.items()]
@@ -173,7 +175,8 @@ class _Accumulate:
     def finish(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, total in self.sums.items():
-            g = all_reduce_sum(total)  # each rank's part is already weighted by its share of the loss terms
+            # each rank's part is already weighted by its share of the loss terms
+            g = all_reduce_sum(total, self.devices[name])
             _check(name, bool(torch.isfinite(g).all()), bool(g.any()))
             out[name] = g
         return out
@@ -183,8 +186,8 @@ class _SingleBatch:
     weights_need_grad = True
     reduces_in_backward = True  # the all-reduces run inside the backward hooks
 
-    def __init__(self, targets, rank: int, seed: int, **_):
-        self.rank, self.seed, self.svds = rank, seed, {}
+    def __init__(self, targets, ranks: Mapping[str, int], seed: int, **_):
+        self.ranks, self.seed, self.svds = ranks, seed, {}
         self.handles = [m.weight.register_post_accumulate_grad_hook(self._hook(n)) for n, m in targets.items()]
 
     def _hook(self, name):
@@ -192,7 +195,7 @@ class _SingleBatch:
             g = all_reduce_sum(param.grad.float())
             param.grad = None
             _check(name, bool(torch.isfinite(g).all()), bool(g.any()))
-            self.svds[name] = randomized_svd(g, self.rank, seed=self.seed)  # as init_lora_one seeds it
+            self.svds[name] = randomized_svd(g, self.ranks[name], seed=self.seed)  # as init_lora_one seeds it
 
         return hook
 
@@ -206,8 +209,8 @@ class _Sketch:
     weights_need_grad = False
     reduces_in_backward = False
 
-    def __init__(self, targets, rank: int, seed: int, oversample: int | None, model: nn.Module, **_):
-        self.rank, self.sketches, self.handles = rank, {}, []
+    def __init__(self, targets, ranks: Mapping[str, int], seed: int, oversample: int | None, model: nn.Module, **_):
+        self.ranks, self.sketches, self.handles = ranks, {}, []
         shared: dict[tuple, torch.Tensor] = {}  # test matrices, one per (size, device)
 
         def matrix(rows: int, cols: int, device) -> torch.Tensor:
@@ -218,7 +221,7 @@ class _Sketch:
 
         for name, m in targets.items():
             out_f, in_f = m.out_features, m.in_features  # a packed (e.g. 4-bit) weight has another shape
-            k, l = default_sizes(rank, out_f, in_f, oversample)
+            k, l = default_sizes(ranks[name], out_f, in_f, oversample)
             dev = m.weight.device
             self.sketches[name] = GradientSketch.with_test_matrices(matrix(k, in_f, dev).mT, matrix(l, out_f, dev))
             self.handles.append(m.register_forward_hook(self._forward_hook(name)))
@@ -257,7 +260,7 @@ class _Sketch:
 
     def finish(self) -> dict[str, TopSVD]:
         self._reduce()
-        return {name: sk.top_svd(self.rank) for name, sk in self.sketches.items()}
+        return {name: sk.top_svd(self.ranks[name]) for name, sk in self.sketches.items()}
 
 
 def examples_in(batch: Mapping) -> int:
@@ -472,14 +475,28 @@ def _resolve_passes(passes, mode: str) -> int:
     return passes
 
 
+def _layer_ranks(rank, targets: Mapping[str, nn.Module], mode: str) -> dict[str, int] | None:
+    """Each target's r for the top-r SVD of the SVD modes (None in `accumulate` mode): `rank`, or
+    `rank[name]` for a mapping."""
+    if mode == "accumulate":
+        return None
+    if not isinstance(rank, Mapping):
+        return dict.fromkeys(targets, rank)
+    missing = [n for n in targets if n not in rank]
+    if missing:
+        raise UsageError(f"rank gives no r for the target layer {missing[0]!r}; map every target layer to its r, "
+                         "or give one int for all.")
+    return {n: rank[n] for n in targets}
+
+
 def estimate_gradients(
     model: nn.Module,
     batches: Iterable[Mapping],
-    target_modules=None,
+    target_modules="all-linear",
     progress: bool = True,
     mode: str = "accumulate",
     offload: bool = False,
-    rank: int | None = None,
+    rank: int | Mapping[str, int] | None = None,
     oversample: int | None = None,
     seed: int = 0,
     passes: int | None = None,
@@ -492,14 +509,17 @@ def estimate_gradients(
 
     Args:
         model: a transformers model, or a `PeftModel` (then the targets are the base layers of its LoRA
-            layers and the gradient is taken at the model's current function).
+            layers, the layers PEFT chose from its whole `LoraConfig`, and the gradient is taken at the
+            model's current function).
         batches: an iterable of model-input dicts with `labels`, e.g. a DataLoader (shuffling or not) or
             a generator. Under `torch.distributed`, each rank passes its own.
-        target_modules: what PEFT's `LoraConfig.target_modules` accepts; `"all-linear"` by default.
+        target_modules: what PEFT's `LoraConfig.target_modules` accepts, matched as PEFT matches it
+            (`None`: PEFT's default for the architecture); `"all-linear"` by default.
         mode: `accumulate` (default), `single-batch` or `sketch`, see the module docstring.
         offload: `accumulate` mode keeps its fp32 accumulators on CPU.
-        rank, oversample, seed: the top-`rank` SVD of `single-batch` and `sketch` modes, the sketch's
-            oversampling (`k = rank + oversample`, default `3 * rank`) and the test matrices' seed.
+        rank, oversample, seed: the top-`rank` SVD of `single-batch` and `sketch` modes (one int, or
+            `{layer name: r}` for every target, as PEFT's `rank_pattern` gives layers their own r), the
+            sketch's oversampling (`k = r + oversample`, default `3 * r`) and the test matrices' seed.
         passes: `sketch` mode's passes over the samples (default `DEFAULT_SKETCH_PASSES` = 2); each
             further pass is another forward and backward over all of them and sharpens the top-r
             subspace (README: sketch accuracy). Other modes take one.
@@ -533,6 +553,7 @@ def estimate_gradients(
         )
     cache = cache_dir if isinstance(cache_dir, GradientCache) or cache_dir is None else GradientCache(cache_dir)
     targets = find_target_linears(model, target_modules)
+    layer_ranks = _layer_ranks(rank, targets, mode)
     weights = {name: module.weight for name, module in targets.items()}
     _refuse_sharded_weights(model, weights)
     if mode != "sketch":
@@ -557,7 +578,8 @@ def estimate_gradients(
                 "mode='accumulate' or 'sketch'."
             )
     local = [sum(terms), sum(examples_in(b) for b in samples), len(samples)]
-    totals = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device))
+    # exact counts on the CPU (MPS has no float64), summed over the ranks on the model's device
+    totals = all_reduce_sum(torch.tensor(local, dtype=torch.int64), device)
     n_terms, n_examples, n_batches = map(int, totals.tolist())
     if n_examples == 0:
         raise UsageError("No batches were given: the one-step gradient needs at least one training example.")
@@ -570,12 +592,13 @@ def estimate_gradients(
     scales = [t / n_terms for t in terms]
     if cache is not None:
         fields = key_fields(model, targets, samples, mode, seed, oversample, passes)
-        cached = cache.lookup(fields, rank, targets, offload)
+        cached = cache.lookup(fields, layer_ranks, targets, offload)
         if cached is not None:
             return cached
 
     with _estimation_state(model, weights, collector_cls.weights_need_grad):
-        collector = collector_cls(targets, offload=offload, rank=rank, seed=seed, oversample=oversample, model=model)
+        collector = collector_cls(targets, offload=offload, ranks=layer_ranks, seed=seed,
+                                  oversample=oversample, model=model)
         try:
             for p in range(1, passes + 1):
                 if p > 1:
@@ -589,5 +612,5 @@ def estimate_gradients(
                 h.remove()
         gradients = collector.finish()
     if cache is not None:
-        cache.store(fields, rank, gradients)
+        cache.store(fields, layer_ranks, gradients)
     return gradients

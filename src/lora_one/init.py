@@ -24,6 +24,7 @@ from numbers import Real
 
 import torch
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
+from peft.utils import NoMatchingPeftModuleError
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
@@ -50,7 +51,7 @@ from lora_one.spectral import (
     lora_factors_and_spectrum,
     top_svd,
 )
-from lora_one.targets import find_target_linears, lora_layers
+from lora_one.targets import lora_layers
 
 NEEDS_GRADIENT = GRADIENT_VARIANTS + ("lora-ga",)
 NORMALISATION = {
@@ -181,14 +182,21 @@ def init_lora_one(
     return stats
 
 
-def _checked_gradients(peft_model: PeftModel, gradients, variant: str, adapter: str) -> tuple[dict, dict]:
-    """`(LoRA layers, gradients by layer name)`, everything checked before any weight is touched."""
+def _checked_layers(peft_model: PeftModel, adapter: str) -> dict:
+    """The LoRA layers, each checked against its own r (PEFT's `rank_pattern` gives layers their own)."""
     layers = lora_layers(peft_model)
     if not layers:
         raise UsageError("The model has no LoRA layers; wrap it with peft.get_peft_model first.")
-    grads = {_normalise_name(k): v for k, v in (gradients or {}).items()}
     for name, layer in layers.items():
         check_rank((layer.out_features, layer.in_features), layer.r[adapter], f"layer {name!r}")
+    return layers
+
+
+def _checked_gradients(peft_model: PeftModel, gradients, variant: str, adapter: str) -> tuple[dict, dict]:
+    """`(LoRA layers, gradients by layer name)`, everything checked before any weight is touched."""
+    layers = _checked_layers(peft_model, adapter)
+    grads = {_normalise_name(k): v for k, v in (gradients or {}).items()}
+    for name in layers:
         if variant in NEEDS_GRADIENT and name not in grads:
             raise UsageError(
                 f"No gradient for LoRA layer {name!r}; estimate_gradients must cover the same "
@@ -296,7 +304,8 @@ def search_gamma(
     finally:
         for k, v in found.items():
             params[k].copy_(v)
-    sums = all_reduce_sum(torch.tensor(parts, dtype=torch.float64, device=device)).tolist()
+    # float64 sums on the CPU (MPS has none), summed over the ranks on the model's device
+    sums = all_reduce_sum(torch.tensor(parts, dtype=torch.float64), device).tolist()
     if sums[0][1] == 0:
         raise UsageError("The gamma search's samples have nothing to predict: every label is -100. Check the data.")
     *losses, without_step = [total / count if math.isfinite(total) else None for total, count in sums]
@@ -311,9 +320,9 @@ def search_gamma(
     if without_step is not None and best >= without_step:
         warnings.warn(f"gamma search: no gamma of the grid lowers the loss below the model's without a step "
                       f"({best:.4g} >= {without_step:.4g}).", stacklevel=3)
-    local = torch.tensor([sum(examples_in(b) for b in batches)], device=device)
+    local = torch.tensor([sum(examples_in(b) for b in batches)])
     return {"grid": list(grid), "losses": losses, "loss_without_step": without_step, "chosen": chosen,
-            "samples": int(all_reduce_sum(local).item()), "samples_sha256": hash_batches(batches),
+            "samples": int(all_reduce_sum(local, device).item()), "samples_sha256": hash_batches(batches),
             "seconds": round(time.perf_counter() - t0, 4)}
 
 
@@ -372,11 +381,39 @@ def _adapter_parameters(peft_model: PeftModel, adapter: str) -> dict[str, nn.Par
 
 
 def _wrap(model: nn.Module, lora_config: LoraConfig, adapter_name: str, seed: int) -> PeftModel:
+    """`model` wrapped by PEFT, which chooses the layers and each one's r and scale from the whole config."""
     config = copy.deepcopy(lora_config)
     config.init_lora_weights = True  # the saved config must load as a plain LoRA adapter
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_peft_model(model, config, adapter_name=adapter_name)
+    name = type(model).__name__
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return get_peft_model(model, config, adapter_name=adapter_name)
+    except NoMatchingPeftModuleError as e:
+        raise UsageError(f"No nn.Linear layer of {name} matches the LoraConfig ({e}). Use 'all-linear' or names from "
+                         "model.named_modules(), e.g. ['q_proj', 'v_proj'].") from None
+    except ValueError as e:  # PEFT's checks of the config against the model
+        raise UsageError(f"PEFT cannot wrap {name} with this LoraConfig: {e}") from None
+
+
+def step0_gradients(peft_model: PeftModel, batches: Iterable[Mapping], adapter: str, **kwargs
+                    ) -> dict[str, torch.Tensor | TopSVD]:
+    """`estimate_gradients(peft_model, batches, **kwargs)` for the init of `adapter`: the targets are its
+    LoRA layers, which PEFT chose from the whole `LoraConfig`, each SVD of the layer's own r
+    (`rank_pattern`). Taken with the adapters off, so that it is the base model's gradient whatever the
+    adapter holds (a fresh one adds nothing, B = 0, but DoRA's step-0 scale `m / ||W||` is 1 only to
+    round-off in low precision)."""
+    ranks = {name: layer.r[adapter] for name, layer in lora_layers(peft_model).items()}
+    flags = {p: p.requires_grad for p in peft_model.parameters()}
+    try:
+        with warnings.catch_warnings():
+            # PEFT warns that a bias it trains stays on; at step 0 it is still the base model's own
+            warnings.filterwarnings("ignore", message="Careful, disabling adapter layers with bias")
+            with peft_model.disable_adapter():
+                return estimate_gradients(peft_model, batches, rank=ranks, **kwargs)
+    finally:  # leaving disable_adapter makes the active adapter trainable, whatever it was
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def get_lora_one_model(
@@ -397,9 +434,11 @@ def get_lora_one_model(
     cache_dir: str | os.PathLike | None = None,
     search_batches: Iterable[Mapping] | None = None,
 ) -> PeftModel:
-    """Estimate the one-step gradient on `batches`, wrap `model` with PEFT, initialise the adapter.
+    """Wrap `model` with PEFT, estimate the one-step gradient on `batches`, initialise the adapter.
 
-    The gradient is taken on the plain model before wrapping (LoRA would add nothing at step 0), in
+    PEFT's wrapping decides everything the `LoraConfig` says: which layers (`target_modules` or PEFT's
+    default for the architecture, `exclude_modules`, `layers_to_transform`), each layer's r and scale
+    (`rank_pattern`, `alpha_pattern`); only those layers take a gradient (`step0_gradients`), in
     `grad_mode` (`accumulate`, `single-batch` or `sketch`, see `estimate_gradients`; `sketch_passes` is
     its `passes`, default 2) on `num_samples` examples of `batches` over all ranks (default 8; `None`:
     all of them) and with `train_step`, both as `estimate_gradients` takes them. Under
@@ -410,7 +449,8 @@ def get_lora_one_model(
     `cache_dir`: a folder where the gradient is stored, and read back by a later call with the same
     model, samples and gradient settings, skipping the backward (`lora_one.gradcache`).
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
-    The LoRA-One variants expect `use_rslora=True` (the spec's default) and warn without it.
+    The LoRA-One variants expect `use_rslora=True` (the spec's default) and warn without it. On an error
+    the model is handed back without LoRA layers.
     """
     check_variant(variant)
     searching = gamma_grid(gamma, variant) is not None  # a bad gamma fails before any work
@@ -421,32 +461,34 @@ def get_lora_one_model(
             "init samples themselves), or a number of init samples."
         )
     warn_without_rslora(variant, lora_config.use_rslora, stacklevel=3)
-    for name, linear in find_target_linears(model, lora_config.target_modules).items():
-        check_rank((linear.out_features, linear.in_features), lora_config.r, f"layer {name!r}")
     device = next(model.parameters()).device  # NCCL reduces on the GPU
-    # taken once, so that the sidecar records exactly the samples of the gradient
-    if batches is None:
-        batches = []
-    elif searching and search_batches is None:  # the examples after the init samples, held out from G
-        batches, search_batches = init_and_held_out_samples(batches, num_samples, device)
-    else:
-        on_init_samples = search_batches is batches
-        batches = init_samples(batches, num_samples, device)
-        if searching:
-            search_batches = batches if on_init_samples else init_samples(search_batches, None, device)
-    gradients, cache = None, GradientCache(cache_dir) if cache_dir is not None else None
-    t0 = time.perf_counter()
-    if variant in NEEDS_GRADIENT:
-        gradients = estimate_gradients(
-            model, batches, lora_config.target_modules, progress=progress, mode=grad_mode,
-            offload=offload, rank=lora_config.r, seed=seed, passes=sketch_passes, num_samples=None,
-            train_step=train_step, cache_dir=cache,
-        )
-    grad_seconds = time.perf_counter() - t0
     peft_model = _wrap(model, lora_config, adapter_name, seed)
-    t1 = time.perf_counter()  # the SVD phase starts after PEFT's wrapping
-    stats, gamma, search = initialise_adapter(peft_model, gradients, variant, gamma, svd, seed, adapter_name,
-                                              search_batches, train_step)
+    try:
+        _checked_layers(peft_model, adapter_name)  # each layer's own r, before any work
+        # taken once, so that the sidecar records exactly the samples of the gradient
+        if batches is None:
+            batches = []
+        elif searching and search_batches is None:  # the examples after the init samples, held out from G
+            batches, search_batches = init_and_held_out_samples(batches, num_samples, device)
+        else:
+            on_init_samples = search_batches is batches
+            batches = init_samples(batches, num_samples, device)
+            if searching:
+                search_batches = batches if on_init_samples else init_samples(search_batches, None, device)
+        gradients, cache = None, GradientCache(cache_dir) if cache_dir is not None else None
+        t0 = time.perf_counter()
+        if variant in NEEDS_GRADIENT:
+            gradients = step0_gradients(
+                peft_model, batches, adapter_name, progress=progress, mode=grad_mode, offload=offload, seed=seed,
+                passes=sketch_passes, num_samples=None, train_step=train_step, cache_dir=cache,
+            )
+        grad_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        stats, gamma, search = initialise_adapter(peft_model, gradients, variant, gamma, svd, seed, adapter_name,
+                                                  search_batches, train_step)
+    except BaseException:
+        peft_model.unload()  # the model as it came, without LoRA layers
+        raise
     svd_seconds = time.perf_counter() - t1 - (search["seconds"] if search else 0.0)
     peft_model.lora_one_metadata = init_metadata(
         variant, gamma, svd, grad_mode, sketch_passes, seed, batches, device, grad_seconds, svd_seconds, stats,
@@ -473,8 +515,8 @@ def init_metadata(variant: str, gamma: float, svd: str, grad_mode: str, sketch_p
     """What the sidecar records about an init (`batches`: this rank's init samples; the counts are summed
     over the ranks; `gamma`: the one used, `gamma_search`: `search_gamma`'s record when it chose it;
     `gradient_cache`: `GradientCache.last`)."""
-    local = torch.tensor([sum(examples_in(b) for b in batches), len(batches)], device=device)
-    n_samples, n_batches = all_reduce_sum(local).tolist()  # over the ranks' shards
+    local = torch.tensor([sum(examples_in(b) for b in batches), len(batches)])
+    n_samples, n_batches = all_reduce_sum(local, device).tolist()  # over the ranks' shards
     return {
         "variant": variant,
         "gamma": gamma,

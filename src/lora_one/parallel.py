@@ -40,10 +40,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In place; SUM (and a division by the caller where a mean is wanted): gloo has no AVG."""
+def all_reduce_sum(t: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """In place; SUM (and a division by the caller where a mean is wanted): gloo has no AVG. With `device`
+    (the model's), a tensor held elsewhere (CPU bookkeeping, an offloaded accumulator) is summed there
+    and copied back: NCCL reduces GPU tensors only."""
     if distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        on_device = t if device is None else t.to(device)
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        if on_device is not t:
+            t.copy_(on_device)
     return t
 
 

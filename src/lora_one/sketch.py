@@ -26,6 +26,14 @@ import torch
 
 from lora_one.spectral import TopSVD, check_rank
 
+# Device types without float64 (Apple's MPS): the sketch's float64 linear algebra runs on the CPU there.
+NO_FLOAT64 = ("mps",)
+
+
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float64: on its device, or on the CPU where the device has no float64 (moved, then cast)."""
+    return (t.cpu() if t.device.type in NO_FLOAT64 else t).double()
+
 
 def default_sizes(r: int, m: int, n: int, oversample: int | None = None) -> tuple[int, int]:
     """`(k, l)`: range and co-range sketch sizes for a top-`r` SVD of an `(m, n)` matrix.
@@ -95,9 +103,9 @@ class GradientSketch:
 
     def top_svd(self, r: int) -> TopSVD:
         """Top-r SVD of `G ~= basis @ core`, with `basis` orthonormal, so only `core` is decomposed."""
-        Y, W = self.Y.double(), self.W.double()
+        Y, W = _float64(self.Y), _float64(self.W)
         if self.orthonormal:  # G ~= Q W + (Y - Q Q^T Y) P^T, see the module docstring
-            Q, P = self.psi.double().mT, self.omega.double()
+            Q, P = _float64(self.psi).mT, _float64(self.omega)
             # One QR of [Q, Y] (Q = basis R1, Y = basis R2) stays orthonormal even where the two
             # together hold more columns than G has rows.
             basis, R = torch.linalg.qr(torch.cat([Q, Y], dim=1))
@@ -105,11 +113,12 @@ class GradientSketch:
             core = R1 @ W + (R2 - R1 @ (Q.mT @ Y)) @ P.mT
         else:
             basis = torch.linalg.qr(Y).Q
-            core = torch.linalg.lstsq(self.psi.double() @ basis, W).solution
+            core = torch.linalg.lstsq(_float64(self.psi) @ basis, W).solution
         Ux, S, Vh = torch.linalg.svd(core, full_matrices=False)
-        return TopSVD(U=(basis @ Ux[:, :r]).float(), S=S[:r].float(), Vh=Vh[:r].float())
+        dev = self.Y.device  # cast, then moved
+        return TopSVD(U=(basis @ Ux[:, :r]).float().to(dev), S=S[:r].float().to(dev), Vh=Vh[:r].float().to(dev))
 
 
 def _orth(M: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the columns of `M`, computed in float64 for the small directions."""
-    return torch.linalg.qr(M.double()).Q.to(M.dtype)
+    return torch.linalg.qr(_float64(M)).Q.to(M.dtype).to(M.device)

@@ -44,23 +44,32 @@ def lm_rows(tok, n: int = 40) -> list[dict]:
 
 
 class Step0(TrainerCallback):
+    """After LoraOneCallback: keeps the step-0 factors and the examples the init drew (the batches
+    collated so far), unpadded, as `(input_ids, labels)`."""
+
+    def __init__(self, collate):
+        self.batches = []
+        self.collate = lambda features: self.batches.append(collate(features)) or self.batches[-1]
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.factors = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        self.drawn = [(ids[mask.bool()], labels[mask.bool()]) for b in self.batches
+                      for ids, labels, mask in zip(b["input_ids"], b["labels"], b["attention_mask"])]
 
 
-def step0_factors(base_dir: Path, out: Path, batch_size: int) -> dict:
-    """The adapter after LoraOneCallback's init, before the first step; the Trainer then takes one step
-    and saves the model (with the sidecar) into `out`."""
+def step0_factors(base_dir: Path, out: Path, batch_size: int) -> tuple[dict, list]:
+    """The adapter after LoraOneCallback's init, before the first step, and the examples this process
+    drew for it; the Trainer then takes one step and saves the model (with the sidecar) into `out`."""
     tok = AutoTokenizer.from_pretrained(base_dir)
-    probe = Step0()
+    probe = Step0(DataCollatorForSeq2Seq(tok, padding=True))
     args = TrainingArguments(str(out), per_device_train_batch_size=batch_size, max_steps=1, learning_rate=1e-2,
                              save_strategy="no", **QUIET)
     trainer = Trainer(model=lora_model(base_dir), args=args, train_dataset=Dataset.from_list(lm_rows(tok)),
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+                      data_collator=probe.collate,
                       callbacks=[LoraOneCallback(init_samples=INIT_SAMPLES, gamma=16.0), probe])
     trainer.train()
     trainer.save_model()
-    return probe.factors
+    return probe.factors, probe.drawn
 
 
 if __name__ == "__main__":
@@ -68,5 +77,5 @@ if __name__ == "__main__":
 
     base, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
-    factors = step0_factors(base, out / "adapter", BATCH_PER_PROCESS)
-    torch.save(factors, out / f"rank{dist.get_rank()}.pt")
+    factors, drawn = step0_factors(base, out / "adapter", BATCH_PER_PROCESS)
+    torch.save({"factors": factors, "drawn": drawn}, out / f"rank{dist.get_rank()}.pt")

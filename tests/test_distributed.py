@@ -4,12 +4,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from conftest import padded_batches, ragged_examples, tiny_llama
+from conftest import full_finetuning_gradients, padded_batches, ragged_examples, tiny_llama
 from dist_worker import CASES, CONFIG
+from numerics import assert_close_products, gradient_tol, products
 
 from lora_one import get_lora_one_model
 
@@ -17,33 +17,32 @@ HERE = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
 
 
-def products(state):
-    """`B @ A` per layer: fixed by the init, unlike the factors' joint sign per singular pair."""
-    return {
-        n.replace(".lora_A.", "."): state[n.replace(".lora_A.", ".lora_B.")] @ a
-        for n, a in state.items()
-        if ".lora_A." in n
-    }
+# Sketch of one pass: its least-squares solve with an l x k Gaussian (l >= 2k - 1 here) amplifies an error of
+# the sketches by cond(Psi Q) <= (sqrt(l) + sqrt(k)) / (sqrt(l) - sqrt(k)) ~ 6 (Davidson-Szarek, with high
+# probability); rounded up. The other modes decompose the summed gradient itself (or orthonormal sketches).
+AMPLIFICATION = {"sketch": 10.0}
 
 
 def test_two_ranks_match_one_process(tmp_path):
     """The ranks hold ragged examples with different numbers of label tokens (5 + 14 tokens against
-    9 + 7), so a mean over the ranks' means would differ from the one-process gradient."""
+    9 + 7), so a mean over the ranks' means would differ from the one-process gradient. Each mode's
+    adapter on two ranks equals the one-process adapter up to the round-off of two float32 gradients
+    of the same examples, carried through the top-r truncation (tests/numerics.py)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "dist_worker.py"), str(tmp_path)]
     done = subprocess.run(cmd, check=False, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    examples = ragged_examples()
+    reference = full_finetuning_gradients(tiny_llama(), examples)  # float64
+    rel_G = 2 * gradient_tol(tiny_llama(), examples)  # each of the two float32 gradients within one bound
     for mode, (kwargs, batch_size) in CASES.items():
-        batches = padded_batches(ragged_examples(), 2 * batch_size)  # the union of the ranks' batches
+        batches = padded_batches(examples, 2 * batch_size)  # the union of the ranks' batches
         single = get_lora_one_model(tiny_llama(), CONFIG, batches, gamma=16, progress=False, num_samples=4, **kwargs)
-        expected = products({n: p.detach() for n, p in single.named_parameters() if "lora_" in n})
+        expected = products(single)
         for r in (0, 1):
-            got = products(ranks[r][mode])
-            assert got.keys() == expected.keys()
-            for n in expected:
-                rel = float((got[n] - expected[n]).norm() / expected[n].norm())
-                assert rel <= 1e-5, (mode, r, n, rel)
+            assert_close_products(products(ranks[r][mode]), reference, CONFIG.r, 16, rel_G * AMPLIFICATION.get(mode, 1),
+                                  want=expected)
         for n in ranks[0][mode]:  # identical on every rank, bit for bit
             assert torch.equal(ranks[0][mode][n], ranks[1][mode][n])
         assert (tmp_path / f"adapter_{mode}" / "adapter_model.safetensors").exists()
@@ -55,15 +54,13 @@ def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
     error each time and stay in step; both exit non-zero within seconds. Two plain processes (each
     with its own stderr, and no launcher that would kill the waiting one) rather than torchrun."""
     cmd = [sys.executable, str(HERE / "dist_worker.py"), "--bad-rank-1", str(tmp_path / "store")]
-    start = time.monotonic()
     procs = [subprocess.Popen([*cmd, str(r)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in (0, 1)]
     try:
-        outs = [p.communicate(timeout=60)[1] for p in procs]
+        outs = [p.communicate(timeout=120)[1] for p in procs]  # a hang fails here (TimeoutExpired)
     finally:
         for p in procs:
             p.kill()
-    assert time.monotonic() - start < 60
     assert all(p.returncode for p in procs), outs
     expected = {
         "no labels": "process 1 of 2: A batch has no 'labels'",

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import full_finetuning_gradients, lm_batches, tiny_llama
+from numerics import assert_same_outputs, checked, gradient_tol, sum_tol, truncation_tol
 from peft import LoraConfig, PeftModel
 
 from lora_one import get_lora_one_model, save_adapter
@@ -40,9 +41,14 @@ def test_step0_weight_is_the_lora_one_step(variant):
         G_r = (U[:, :R] * S[:R]) @ Vh[:R]
         norm = GAMMA * S[0] if variant == "lora-one" else GAMMA
         expected = W0[name + ".weight"].double() - s / norm * G_r
-        got = merged[name].double()
-        rel = float((got - expected).norm() / (s / norm * G_r).norm())  # relative to the update
-        assert rel < 1e-4, (name, rel)
+        got, update = merged[name].double(), s / norm * G_r
+        rel = float((got - expected).norm() / update.norm())  # relative to the update
+        # the init's float32 gradient, carried through the truncation, and the float32 merge
+        # m * (W + s B A) / |W + s B A| (row norms: sums over the inputs), which rounds W itself
+        W = W0[name + ".weight"].double()
+        tol = truncation_tol(G[name], R, gradient_tol(base, batches)) + 2 * sum_tol(W.shape[1] + R) * float(
+            W.norm() / update.norm())
+        assert rel <= checked(tol), (name, rel, tol)
 
 
 @pytest.mark.parametrize("variant", ["lora-one", "lora-one-v1", "pissa"])
@@ -71,7 +77,7 @@ def test_round_trip_through_stock_peft_and_training(tmp_path, variant):
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()
     x = batches[0]["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+        assert_same_outputs(loaded(input_ids=x).logits, model(input_ids=x).logits, loaded, x.shape[1])
 
 
 def test_cli_dora_finetune(tmp_path):

@@ -215,12 +215,12 @@ def test_a_classifier_on_a_quantised_base_trains_its_head_and_evaluates_on_the_u
 def test_the_callback_initialises_a_4bit_model_in_a_trainer(base_dir, tok, examples, tmp_path):
     quantised, _, _ = load_model(str(base_dir), quantize="4bit")
     reference_q = full_finetuning_gradients(dequantised(base_dir, quantised), examples)
-    step0 = Step0()
+    step0 = Step0(DataCollatorForSeq2Seq(tok, padding=True))
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=3, max_steps=1, learning_rate=1e-3,
                              use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no", seed=0)
     trainer = Trainer(model=get_peft_model(quantised, LoraConfig(**LORA)), args=args,
                       train_dataset=Dataset.from_list(lm_rows(tok, N)),
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+                      data_collator=step0.collate,
                       callbacks=[LoraOneCallback(init_samples=N, gamma=GAMMA, grad_mode="sketch", sketch_passes=3),
                                  step0])
     trainer.train()

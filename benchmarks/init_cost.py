@@ -3,7 +3,9 @@
 SmolLM2-135M-Instruct, TREC prompts, max length 128, all linear layers, rank 8. For N = 8 and N = 64:
 
 - wall time of the gradient phase and of the SVD phase per mode, as ratios to LoRA training steps on
-  the same N samples (micro-batches of 1);
+  the same N samples (micro-batches of 1), and the CPU time of the gradient phase against LoRA's;
+- for the sketch, each phase on its own: every pass over the samples, the orthonormal test matrices
+  built between passes, and the final reconstruction and SVD;
 - peak memory (RSS growth over the loaded model, each measurement in its own process) as a ratio to a
   LoRA training step on one micro-batch, and to LoRA training over the same N micro-batches;
 - our randomised SVD and the sketch (1, 2 and 3 passes) against the reference's
@@ -14,6 +16,24 @@ SmolLM2-135M-Instruct, TREC prompts, max length 128, all linear layers, rank 8. 
 
     python benchmarks/init_cost.py [--quick] [--accuracy-only]
     # --quick: N = 8 only, fewer layers for the errors; --accuracy-only: no timing or memory children
+    OMP_NUM_THREADS=1 python benchmarks/init_cost.py --quick > benchmarks/results/init_cost_quick.txt
+
+Reading the times. Every mode runs once, in a process of its own, one after the other: on a machine
+whose cores other work shares, a job's wall time includes whatever ran beside it (and with several
+torch threads, a thread that waits on a descheduled one stalls the others). `grad cpu s`, the
+process's user + system time, does not: run with one thread and compare CPU ratios. In
+results/init_cost_quick.txt (N = 8, one thread, a shared machine) every sketch pass costs 0.93 to
+1.09 of LoRA training's CPU time, pass 3 as much as pass 1 or 2 (a forward and backward over the
+samples, plus the sketch products: per token of an `(m, n)` layer `n k + l m` multiply-adds in odd
+passes, `n l + k m` in even ones, as `k` and `l` swap sides; equal for square layers, swapped between
+the MLP's up and down projections, and a tenth of the layer's own `4 m n` or less); the orthonormal
+bases between two passes 0.06 to 0.07; the reconstruction and SVD after several passes 0.42 to 0.47
+(after one: 0.12), once per estimate: a float64 QR of `[Q, Y]` (`m x (k + l)`) and SVD of the
+`(k + l) x n` core, against `m x k` and `k x n` after one pass. So 1, 2 and 3 passes cost 1.06, 2.62
+and 3.71 LoRA CPU: the third pass adds 1.09, the second 1.56 (its pass, the bases and the larger
+reconstruction). Wall-clock ratios measured beside other work (1.49, 2.19 and 4.28 in issue 23, where
+the third pass seemed to cost twice the second; 0.68, 1.87 and 3.04 in the same file, whose LoRA
+training took 6.85 s of wall time for 4.29 s of CPU) are not comparable from job to job.
 """
 
 from __future__ import annotations
@@ -33,6 +53,64 @@ SKETCH_PASSES = (1, 2, 3)  # in the accuracy section
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads): what it did, not what ran beside it."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class SketchPhases:
+    """Wall and CPU seconds of each phase of a sketch estimate. `GradientSketch.next_pass` (between two
+    passes) and `GradientSketch.top_svd` (at the end) run once per layer, back to back: each such run is
+    a phase, and what lies before, between and after them are the passes over the samples (which call
+    `add_tokens`)."""
+
+    def __init__(self):
+        self.runs: list[list] = []  # [label, (wall, cpu) at its start, at its end]
+        self.passed = False  # whether a pass added tokens since the last run
+
+    def __enter__(self):
+        from lora_one.sketch import GradientSketch
+
+        self.originals = {name: getattr(GradientSketch, name) for name in ("next_pass", "top_svd", "add_tokens")}
+        for name, method in self.originals.items():
+            setattr(GradientSketch, name, self._timed(name, method))
+        self.start = (time.perf_counter(), cpu_seconds())
+        return self
+
+    def __exit__(self, *exc):
+        from lora_one.sketch import GradientSketch
+
+        for name, method in self.originals.items():
+            setattr(GradientSketch, name, method)
+
+    def _timed(self, name, method):
+        def timed(*args, **kwargs):
+            if name == "add_tokens":
+                self.passed = True
+                return method(*args, **kwargs)
+            start = (time.perf_counter(), cpu_seconds())
+            result = method(*args, **kwargs)
+            end = (time.perf_counter(), cpu_seconds())
+            if self.passed or not self.runs:
+                self.runs.append([name, start, end])
+            self.runs[-1][2] = end
+            self.passed = False
+            return result
+
+        return timed
+
+    def phases(self) -> list[tuple[str, float, float]]:
+        """`(phase, wall s, cpu s)` in order: `pass 1`, `bases 1`, `pass 2`, ..., `reconstruction + SVD`."""
+        out, before = [], self.start
+        for p, (kind, start, end) in enumerate(self.runs, 1):
+            out.append((f"pass {p}", start[0] - before[0], start[1] - before[1]))
+            out.append((f"bases {p}" if kind == "next_pass" else "reconstruction + SVD", end[0] - start[0],
+                        end[1] - start[1]))
+            before = end
+        return out
 
 
 def load(n: int, batch_size: int = 1):
@@ -78,19 +156,20 @@ def child(job: str, n: int) -> dict:
     if job == "lora-train":
         peft_model = get_peft_model(model, lora_config())
         opt = create_optimizer(peft_model, lr=2e-4)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         for b in batches:
             peft_model(**b).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        out["seconds"] = time.perf_counter() - t0
+        out.update(seconds=time.perf_counter() - t0, cpu_seconds=cpu_seconds() - c0)
     elif job in ("accumulate", "sketch", "sketch-2-passes", "sketch-3-passes", "single-batch", "reference"):
         mode = "accumulate" if job == "reference" else job.split("-")[0] if job.startswith("sketch") else job
         passes = int(job.split("-")[1]) if job.startswith("sketch-") else 1
-        t0 = time.perf_counter()
-        grads = estimate_gradients(model, batches, progress=False, mode=mode, rank=R, seed=SEED, passes=passes,
-                                   num_samples=None)
-        t1 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        with SketchPhases() as clock:
+            grads = estimate_gradients(model, batches, progress=False, mode=mode, rank=R, seed=SEED, passes=passes,
+                                       num_samples=None)
+        t1, c1 = time.perf_counter(), cpu_seconds()
         if job == "accumulate":
             svds = {k: top_svd(g, R, "randomized", SEED) for k, g in grads.items()}
         elif job == "reference":
@@ -100,7 +179,8 @@ def child(job: str, n: int) -> dict:
         t2 = time.perf_counter()
         peft_model = get_peft_model(model, lora_config())
         init_lora_one(peft_model, {k: v for k, v in grads.items()}, seed=SEED)
-        out.update(gradient_seconds=t1 - t0, svd_seconds=t2 - t1)
+        out.update(gradient_seconds=t1 - t0, gradient_cpu_seconds=c1 - c0, svd_seconds=t2 - t1,
+                   phases=clock.phases())
         del svds
     out["peak_mb_over_model"] = rss_mb() - base
     return out
@@ -204,20 +284,29 @@ def main() -> None:
     for n in () if args.accuracy_only else ns:
         lora = run_child("lora-train", n)
         one_step = run_child("lora-train", 1)
-        print(f"\nN = {n}: LoRA training {lora['seconds']:.2f} s for {n} steps of 1 sample; "
-              f"peak +{one_step['peak_mb_over_model']:.0f} MB for one step, +{lora['peak_mb_over_model']:.0f} MB "
-              f"for the {n} steps (the allocator's growth over sequences of varying length)")
-        print(f"{'mode':<16}{'grad s':>9}{'svd s':>9}{'grad/LoRA':>11}{'svd/LoRA':>10}{'init/LoRA':>11}{'peak MB':>9}"
-              f"{'peak/LoRA step':>16}{'peak/LoRA N steps':>19}")
+        print(f"\nN = {n}: LoRA training {lora['seconds']:.2f} s ({lora['cpu_seconds']:.2f} CPU s) for {n} steps of 1 "
+              f"sample; peak +{one_step['peak_mb_over_model']:.0f} MB for one step, +{lora['peak_mb_over_model']:.0f} "
+              f"MB for the {n} steps (the allocator's growth over sequences of varying length)")
+        print(f"{'mode':<16}{'grad s':>9}{'svd s':>9}{'grad/LoRA':>11}{'svd/LoRA':>10}{'init/LoRA':>11}"
+              f"{'grad cpu s':>12}{'cpu/LoRA cpu':>14}{'peak MB':>9}{'peak/LoRA step':>16}{'peak/LoRA N steps':>19}")
+        phases = {}
         for job in ("accumulate", "sketch", "sketch-2-passes", "sketch-3-passes", "single-batch", "reference"):
             if job == "single-batch" and n > 8:
                 continue  # 64 samples in one micro-batch is not the use case of this mode
             res = run_child(job, n)
             g, s = res["gradient_seconds"], res["svd_seconds"]
+            c = res["gradient_cpu_seconds"]
             print(f"{job:<16}{g:>9.2f}{s:>9.2f}{g / lora['seconds']:>11.2f}{s / lora['seconds']:>10.3f}"
-                  f"{(g + s) / lora['seconds']:>11.2f}{res['peak_mb_over_model']:>9.0f}"
+                  f"{(g + s) / lora['seconds']:>11.2f}{c:>12.2f}{c / lora['cpu_seconds']:>14.2f}"
+                  f"{res['peak_mb_over_model']:>9.0f}"
                   f"{res['peak_mb_over_model'] / max(one_step['peak_mb_over_model'], 1):>16.2f}"
                   f"{res['peak_mb_over_model'] / max(lora['peak_mb_over_model'], 1):>19.2f}")
+            if res["phases"]:
+                phases[job] = res["phases"]
+        print("sketch phases, CPU s (wall s); / LoRA: CPU against LoRA training's CPU:")
+        for job, parts in phases.items():
+            print(f"  {job:<16}" + ", ".join(f"{name} {cpu:.2f} ({wall:.2f}) / LoRA {cpu / lora['cpu_seconds']:.2f}"
+                                             for name, wall, cpu in parts))
     acc = svd_accuracy(ns[-1], layer_stride=10 if args.quick else 3)
     print(f"\nSVD on {acc['layers']} real gradient layers (N = {ns[-1]}): ours {acc['ours_s']:.2f} s, "
           f"reference {acc['reference_s']:.2f} s, speed-up {acc['reference_s'] / acc['ours_s']:.0f}x")

@@ -577,6 +577,10 @@ def report_markdown(summary: dict) -> str:
     lines += [f"## Loss at each evaluation step ({split} split)", "", _step_table(summary, "loss", 4), "",
               (f"![{split} loss and {name or 'loss'} against step, mean over the seeds with a band of one standard "
                "error](comparison.png)"), ""]
+    notes = sorted({f"{role} data: {note}" for r in summary["methods"].values() for run in r["runs"]
+                    for role, note in run.get("data_notes", {}).items()})
+    if notes:  # what was truncated, skipped or counted in the data, evaluation data included
+        lines += ["## Data", "", *[f"- {n}" for n in notes], ""]
     lines += _selection_section(summary)
     lines += ["## Methods", ""]
     for label, r in summary["methods"].items():

@@ -4,7 +4,10 @@ Formats, told apart by the fields of the first record (or named, `Fields.format`
 
 - `prompt-response` (causal LM, seq2seq): a prompt and a response (or TRL's `completion`). A causal LM
   reads prompt + response + eos with the prompt masked out of the loss (-100); a seq2seq model's
-  encoder reads the prompt and its decoder's labels are the response + eos.
+  encoder reads the prompt and its decoder's labels are the response as its tokenizer encodes a
+  target (`text_target=`, with the tokenizer's own special tokens: BART's `<s> ... </s>`, T5's
+  `... </s>`), ending with eos. An empty response is a target of eos alone (the model learns to end
+  its answer right after that prompt), counted in the features' note; any other empty field is refused.
 - `messages` (causal LM): a conversation, a list of `{"role", "content"}`, rendered with the
   tokenizer's chat template; the loss is on each assistant turn and the template's own end-of-turn
   token(s) after it, found by rendering a probe conversation (`end_of_turn`).
@@ -12,6 +15,8 @@ Formats, told apart by the fields of the first record (or named, `Fields.format`
 - `text-label` (classification): a text and its label.
 
 Records longer than `max_length` tokens are truncated, skipped or refused (`too_long`), and counted.
+Evaluation never cuts a reference response (a cut one would change the metric): with `truncate`, a
+record whose response alone does not fit is skipped, and counted apart.
 """
 
 from __future__ import annotations
@@ -208,8 +213,10 @@ def resolve_format(records: list[dict], task: str, fields: Fields = DEFAULT_FIEL
     formats = TASK_FORMATS[task]
     if fields.format is not None and fields.format not in formats:
         raise UsageError(f"--format {fields.format} is not a {task} format; use {' or '.join(formats)}.")
-    have = _present(records[0]) if records and isinstance(records[0], dict) else set()
-    if fields.response == DEFAULT_FIELDS.response and fields.response not in have and COMPLETION in have:
+    first = records[0] if records and isinstance(records[0], dict) else {}
+    # fields with a value, and fields named at all (an empty response is still a response)
+    have, named = _present(first), {k for k, v in first.items() if v is not None}
+    if fields.response == DEFAULT_FIELDS.response and fields.response not in named and COMPLETION in named:
         fields = replace(fields, response=COMPLETION)
     if fields.format is not None:
         return fields
@@ -219,19 +226,21 @@ def resolve_format(records: list[dict], task: str, fields: Fields = DEFAULT_FIEL
             f"{task}: pass --task classification (with a classification model), or --format text to train "
             "language modelling on the text alone."
         )
-    return replace(fields, format=next((f for f in formats if set(fields.of(f)) <= have), formats[0]))
+    found = (f for fields_of in (have, named) for f in formats if set(fields.of(f)) <= fields_of)
+    return replace(fields, format=next(found, formats[0]))
 
 
 def check_records(records: list, task: str, fields: Fields, source: str) -> Fields:
-    """Refuse, with one line, a record without the fields of its format (or a malformed conversation);
-    returns the resolved fields."""
+    """Refuse, with one line, a record without the fields of its format, with one of them empty (an
+    empty response is a valid target: eos alone), or with a malformed conversation; returns the
+    resolved fields."""
     fields = resolve_format(records, task, fields)
     fmt = fields.format
     needed = fields.of(fmt)
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise UsageError(f"Record {i} of {source!r} is not an object with named fields.")
-        missing = [k for k in needed if k not in _present(rec)]
+        missing = [k for k in needed if rec.get(k) is None]
         if missing:
             others = [f"{f} (field{'s' if len(fields.of(f)) > 1 else ''} {', '.join(map(repr, fields.of(f)))})"
                       for f in TASK_FORMATS[task] if f != fmt]
@@ -241,6 +250,11 @@ def check_records(records: list, task: str, fields: Fields, source: str) -> Fiel
                 f"{sorted(_present(rec))}). Rename the fields in the file, name them with {_FIELD_FLAGS[fmt]}"
                 f"{another}."
             )
+        empty = [k for k in needed if rec[k] == "" and not (fmt == PROMPT_RESPONSE and k == fields.response)]
+        if empty:
+            fine = " (an empty response is fine: its target is eos alone)" if fmt == PROMPT_RESPONSE else ""
+            raise UsageError(f"Record {i} of {source!r} has an empty {' and '.join(map(repr, empty))} field, which "
+                             f"{task} as {fmt} needs; fill it in or drop the record{fine}.")
         if fmt == MESSAGES:
             _check_conversation(rec[fields.messages], f"Record {i} of {source!r}")
     return fields
@@ -275,8 +289,16 @@ def prompt_ids(tokenizer, prompt: str, chat_template: bool = False) -> list[int]
 
 
 def response_ids(tokenizer, response: str) -> list[int]:
-    """Token ids of a response, as training sees it: no special tokens, then eos."""
+    """Token ids of a causal LM's response, as training sees it: no special tokens, then eos."""
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer)]
+
+
+def target_ids(tokenizer, response: str) -> list[int]:
+    """Token ids of an encoder-decoder's target: the response as its tokenizer encodes a target
+    (`text_target=`, with its own special tokens: BART `<s> ... </s>`, T5 `... </s>`), then eos
+    where the tokenizer does not end a target with it (a decoder-only model's tokenizer on T5)."""
+    ids, eos = tokenizer(text_target=response)["input_ids"], _eos_id(tokenizer)
+    return ids if ids[-1:] == [eos] else ids + [eos]
 
 
 def _eos_id(tokenizer) -> int:
@@ -287,9 +309,9 @@ def _eos_id(tokenizer) -> int:
 
 
 class Features(list):
-    """Encoded examples, one per kept record, and what the length limit did: `kept` holds the indices
-    of the records kept (all of them unless `too_long="skip"`), `note` one line saying how many were
-    truncated or skipped (None when every record fit)."""
+    """Encoded examples, one per kept record, and what was done to the records: `kept` holds the
+    indices of the records kept (all of them unless some were skipped), `note` one line saying how many
+    were truncated or skipped, or have an empty response (None when there is nothing to say)."""
 
     def __init__(self, examples: list[dict], kept: list[int], note: str | None):
         super().__init__(examples)
@@ -305,10 +327,12 @@ class _LengthLimit:
         if max_length < minimum:
             raise UsageError(f"--max-length must be >= {minimum}, got {max_length}.")
         self.max_length, self.too_long = max_length, too_long
-        self.kept, self.over, self.records = [], 0, 0
+        self.kept, self.over, self.uncut, self.records = [], 0, 0, 0
 
-    def admit(self, index: int, length: int) -> bool:
-        """Whether record `index`, `length` tokens long, is used (truncated if too long); False: skip it."""
+    def admit(self, index: int, length: int, cuttable: bool = True) -> bool:
+        """Whether record `index`, `length` tokens long, is used (truncated if too long); False: skip it.
+        A record that is not `cuttable` (evaluation: its reference response alone does not fit) is
+        skipped under `truncate` too, counted apart."""
         self.records += 1
         if length > self.max_length:
             if self.too_long == "error":
@@ -316,44 +340,60 @@ class _LengthLimit:
                     f"Record {index} has {length} tokens, more than --max-length {self.max_length}; raise "
                     "--max-length (up to the model's positions), or pass --too-long truncate or skip."
                 )
+            if self.too_long == "truncate" and not cuttable:
+                self.uncut += 1
+                return False
             self.over += 1
             if self.too_long == "skip":
                 return False
         self.kept.append(index)
         return True
 
-    def result(self, examples: list[dict], how: str) -> Features:
-        if self.over and not self.kept:
+    def result(self, examples: list[dict], how: str, empty_responses: int = 0) -> Features:
+        """The features, with a note of what was done: how many records were truncated (`how`: what
+        that cut) or skipped, and how many have an empty response (`empty_responses`: a target of eos alone)."""
+        if (self.over or self.uncut) and not self.kept:
             raise UsageError(
-                f"All {self.records} records are longer than --max-length {self.max_length} tokens; raise "
-                "--max-length or pass --too-long truncate."
+                f"All {self.records} records are longer than --max-length {self.max_length} tokens"
+                f"{' (evaluation never cuts a reference response)' if self.uncut else ''}; raise --max-length"
+                f"{' or pass --too-long truncate' if self.too_long == 'skip' else ''}."
             )
-        note = None
+        parts = []
         if self.over:
             done = "skipped" if self.too_long == "skip" else "truncated"
             detail = "" if self.too_long == "skip" else f" ({how})"
-            other = " or ".join(t for t in TOO_LONG if t != self.too_long)
-            note = (f"{done} {self.over} of {self.records} records longer than --max-length {self.max_length} "
-                    f"tokens{detail}; --too-long {other} instead")
-        return Features(examples, self.kept, note)
+            parts.append(f"{done} {self.over} of {self.records} records longer than --max-length {self.max_length} "
+                         f"tokens{detail}")
+        if self.uncut:
+            parts.append(f"skipped {self.uncut} of {self.records} records whose response alone does not fit in "
+                         f"--max-length {self.max_length} tokens (evaluation never cuts a reference: a cut one would "
+                         "change the metric)")
+        if parts:
+            parts[-1] += f"; --too-long {' or '.join(t for t in TOO_LONG if t != self.too_long)} instead"
+        if empty_responses:
+            parts.append(f"{empty_responses} of {self.records} records have an empty response: the target is eos "
+                         "alone (the model learns to end its answer right after the prompt)")
+        return Features(examples, self.kept, "; ".join(parts) or None)
 
 
 def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = DEFAULT_FIELDS, chat_template=False,
-                       too_long: str = "truncate", room: int | None = None) -> Features:
+                       too_long: str = "truncate", room: int | None = None, cut_responses: bool = True) -> Features:
     """`input_ids` = prompt + response + eos; `labels` mask the prompt with -100.
 
     A record longer than `max_length` tokens is, as `too_long` says, truncated (`truncate`: the
     prompt loses its start so the response fits; a response that alone does not fit loses its end),
     skipped (`skip`) or refused (`error`). `room` reserves that many tokens after every prompt instead
-    of its own response's length (the evaluator's room for its longest candidate).
+    of its own response's length (the evaluator's room for its longest candidate). `cut_responses=False`
+    (evaluation) skips a record whose response alone does not fit, whatever `too_long` says but error.
     """
     limit = _LengthLimit(max_length, too_long, minimum=2)
-    feats, responses_cut = [], 0
+    feats, responses_cut, empty = [], 0, 0
     for i, rec in enumerate(records):
         p_ids = prompt_ids(tokenizer, str(rec[fields.prompt]), chat_template)
         r_ids = response_ids(tokenizer, str(rec[fields.response]))
+        empty += rec[fields.response] == ""
         reserved = len(r_ids) if room is None else room
-        if not limit.admit(i, len(p_ids) + reserved):
+        if not limit.admit(i, len(p_ids) + reserved, cuttable=cut_responses or len(r_ids) < max_length):
             continue
         # Keep one prompt token at least: the first token of a sequence is never predicted.
         keep = min(len(p_ids), max(1, max_length - reserved))
@@ -362,7 +402,7 @@ def causal_lm_features(records, tokenizer, max_length: int, fields: Fields = DEF
         r_ids = r_ids[: max_length - len(p_ids)]
         feats.append({"input_ids": p_ids + r_ids, "labels": [IGNORE_INDEX] * len(p_ids) + r_ids})
     cut = f"; the response's end too in {responses_cut}" if responses_cut else ""
-    return limit.result(feats, f"cut the prompt's start{cut}")
+    return limit.result(feats, f"cut the prompt's start{cut}", empty)
 
 
 def label_mapping(records, fields: Fields = DEFAULT_FIELDS) -> dict[str, int]:
@@ -405,25 +445,28 @@ def text_features(records, tokenizer, max_length: int, fields: Fields = DEFAULT_
 
 
 def seq2seq_features(records, tokenizer, max_length: int, fields: Fields = DEFAULT_FIELDS,
-                     too_long: str = "truncate") -> Features:
+                     too_long: str = "truncate", cut_responses: bool = True) -> Features:
     """Encoder-decoder examples: `input_ids` the prompt with the tokenizer's special tokens (T5: then
-    `</s>`), `labels` the response + eos, which the model itself shifts right behind its decoder start
-    token. `max_length` bounds each of the two: a longer prompt loses its end (its start holds e.g.
-    T5's task prefix), keeping the tokenizer's end tokens; a longer response loses its end."""
+    `</s>`), `labels` the response as the tokenizer encodes a target (`target_ids`: BART `<s> ... </s>`),
+    which the model itself shifts right behind its decoder start token. `max_length` bounds each of the
+    two: a longer prompt loses its end (its start holds e.g. T5's task prefix), keeping the tokenizer's
+    end tokens; a longer response loses its end (`cut_responses=False`, evaluation: its record is skipped)."""
     limit = _LengthLimit(max_length, too_long, minimum=1)
-    feats, prompts_cut, responses_cut = [], 0, 0
+    feats, prompts_cut, responses_cut, empty = [], 0, 0, 0
     for i, rec in enumerate(records):
         prompt = str(rec[fields.prompt])
         p_ids = tokenizer(prompt, truncation=True, max_length=max_length + 1)["input_ids"]  # one over tells
-        r_ids = response_ids(tokenizer, str(rec[fields.response]))
-        if not limit.admit(i, max(len(p_ids), len(r_ids))):
+        r_ids = target_ids(tokenizer, str(rec[fields.response]))
+        empty += rec[fields.response] == ""
+        if not limit.admit(i, max(len(p_ids), len(r_ids)), cuttable=cut_responses or len(r_ids) <= max_length):
             continue
         if len(p_ids) > max_length:  # again, so the tokenizer keeps its end-of-text tokens
             p_ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
             prompts_cut += 1
         responses_cut += len(r_ids) > max_length
         feats.append({"input_ids": p_ids, "labels": r_ids[:max_length]})
-    return limit.result(feats, f"cut the end of {prompts_cut} prompt(s) and {responses_cut} response(s)")
+    cut = " and ".join(f"{n} {what}(s)" for n, what in ((prompts_cut, "prompt"), (responses_cut, "response")) if n)
+    return limit.result(feats, f"cut the end of {cut}", empty)
 
 
 def end_of_turn(tokenizer) -> str:
@@ -512,11 +555,13 @@ def messages_features(records, tokenizer, max_length: int, fields: Fields = DEFA
 
 
 def prepare(records, tokenizer, task: str, fields: Fields = DEFAULT_FIELDS, max_length: int = 256,
-            too_long: str = "truncate", chat_template: bool = False, label2id: dict | None = None) -> Features:
+            too_long: str = "truncate", chat_template: bool = False, label2id: dict | None = None,
+            cut_responses: bool = True) -> Features:
     """The training features of `records` for `task`, in their format (`fields.format`, else detected):
     one call for every format, so that the command line and a Trainer callback building its own batches
     apply the same rules. `label2id` (classification) defaults to `label_mapping(records)`;
-    `chat_template` wraps causal-LM prompts (conversations always use the template)."""
+    `chat_template` wraps causal-LM prompts (conversations always use the template); `cut_responses=False`
+    (evaluation) skips a prompt/response record whose response alone does not fit instead of cutting it."""
     fields = check_records(records, task, fields, "the data")
     fmt = fields.format
     if chat_template and (task == SEQ2SEQ or fmt == TEXT):
@@ -529,8 +574,9 @@ def prepare(records, tokenizer, task: str, fields: Fields = DEFAULT_FIELDS, max_
     if fmt == TEXT:
         return text_features(records, tokenizer, max_length, fields, too_long)
     if task == SEQ2SEQ:
-        return seq2seq_features(records, tokenizer, max_length, fields, too_long)
-    return causal_lm_features(records, tokenizer, max_length, fields, chat_template, too_long)
+        return seq2seq_features(records, tokenizer, max_length, fields, too_long, cut_responses)
+    return causal_lm_features(records, tokenizer, max_length, fields, chat_template, too_long,
+                              cut_responses=cut_responses)
 
 
 def collate(features: list[dict], pad_id: int, decoder_start_id: int | None = None) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ from lora_one.data import (
     prepare,
     resolve_format,
     response_ids,
+    target_ids,
 )
 from lora_one.errors import UsageError
 from lora_one.models import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ
@@ -253,12 +254,20 @@ class _PromptResponseEvaluator(ABC):
     the subclasses say how a model reads a prompt and scores a candidate. `note` says how many records
     the length limit (`too_long`) truncated or skipped.
 
+    With a closed label set every prompt leaves room for the longest candidate, and a candidate that
+    alone does not fit is refused (it is the label set, not an outlier). Otherwise each record is cut
+    as in training, its own response fitting whole: a prompt loses its start (seq2seq: its end), and a
+    record whose response alone does not fit is skipped even under `truncate` (a cut reference would
+    change the metric), counted in `note`.
+
     Exact match needs a generation per record, far slower than a loss: `max_generate` bounds it to a
     fixed random sample of that many records (`exact_match_n` says how many; the loss stays on all),
     and `max_new_tokens` caps each generation (below the longest reference response, a longer one
-    cannot match)."""
+    cannot match). Each record generates at most as many tokens as its reference has (with eos),
+    after the prompt its loss is computed with, in batches of records with similar budgets."""
 
     task: str
+    shares_length: bool  # whether prompt and response share one sequence of at most max_length tokens
 
     def __init__(self, records, tokenizer, fields: Fields = DEFAULT_FIELDS, max_length: int = 256,
                  chat_template: bool = False, choices: Sequence[str] | None = None, batch_size: int = 16,
@@ -268,11 +277,10 @@ class _PromptResponseEvaluator(ABC):
         fields = resolve_format(records, self.task, fields)
         responses = [str(r[fields.response]) for r in records]
         self.choices = match_choices(choices, responses) if choices else None
+        room = None
         if self.choices:
-            self.cand_ids = [response_ids(tokenizer, c) for c in self.choices]
+            self.cand_ids = [self._target(tokenizer, c) for c in self.choices]
             room = max(len(c) for c in self.cand_ids)
-        else:
-            room = max(len(response_ids(tokenizer, r)) for r in responses)
         self.features = self._features(records, tokenizer, fields, max_length, chat_template, too_long, room)
         self.note = self.features.note
         responses = [responses[i] for i in self.features.kept]
@@ -281,13 +289,37 @@ class _PromptResponseEvaluator(ABC):
             index = {c.strip(): i for i, c in enumerate(self.choices)}
             self.gold = torch.tensor([index[r.strip()] for r in responses])
         else:
-            self.responses, self.max_new = responses, min(room, max_new_tokens or room)
+            # each record generates as many tokens as its reference has (a longer generation cannot match)
+            budgets = [min(sum(t != IGNORE_INDEX for t in f["labels"]), max_new_tokens or max_length)
+                       for f in self.features]
+            self.responses, self.max_new = responses, max(budgets)
             n = len(self.prompts)
             self.generated = sorted(random.Random(0).sample(range(n), min(n, max_generate or n)))
+            self.generation_batches = self._generation_batches(budgets, max_length)
+
+    def _generation_batches(self, budgets: list[int], max_length: int) -> list[tuple[list[int], int]]:
+        """`(records, new tokens)` per generation batch: the generated records by their budgets, at most
+        `batch_size` a batch, and (causal LM) no more than fit within `max_length` after the batch's
+        longest prompt, as every one of them fits after its own (positions stay within the model's)."""
+        batches: list[tuple[list[int], int]] = []
+        for i in sorted(self.generated, key=budgets.__getitem__):
+            if batches:
+                rows, _ = batches[-1]
+                widest = max(len(self.prompts[j]) for j in (*rows, i)) if self.shares_length else 0
+                if len(rows) < self.batch_size and widest + budgets[i] <= max_length:
+                    batches[-1] = (rows + [i], budgets[i])
+                    continue
+            batches.append(([i], budgets[i]))
+        return batches
+
+    @abstractmethod
+    def _target(self, tokenizer, response: str) -> list[int]:
+        """The token ids of a response (a candidate) as the model is trained to produce it."""
 
     @abstractmethod
     def _features(self, records, tokenizer, fields, max_length, chat_template, too_long, room):
-        """The records' features, each prompt leaving `room` for a response as the model needs."""
+        """The records' features, each reference response whole; `room` (a closed label set): every
+        prompt leaves that many tokens for a candidate, and a longer candidate is refused."""
 
     @abstractmethod
     def _prompt(self, feature: dict) -> list[int]:
@@ -311,25 +343,32 @@ class _PromptResponseEvaluator(ABC):
             accuracy = (scores.argmax(1) == self.gold).float().mean().item()
             return {"loss": -gold_lp.sum().item() / n_tokens, "accuracy": accuracy, "n": n}
         total, count = _token_nll(model, self.features, self.tokenizer.pad_token_id, self.batch_size, self.progress)
-        texts = greedy_generate(model, self.tokenizer, [self.prompts[i] for i in self.generated], self.max_new,
-                                self.batch_size, self.progress)
-        hits = sum(t.strip() == self.responses[i].strip() for t, i in zip(texts, self.generated))
+        hits = 0
+        for rows, new_tokens in self.generation_batches:
+            texts = greedy_generate(model, self.tokenizer, [self.prompts[i] for i in rows], new_tokens,
+                                    self.batch_size, self.progress)
+            hits += sum(t.strip() == self.responses[i].strip() for t, i in zip(texts, rows))
         return {"loss": total / count, "exact_match": hits / len(self.generated), "n": n,
                 "exact_match_n": len(self.generated)}
 
 
 class CausalLMEvaluator(_PromptResponseEvaluator):
-    """A causal LM reads prompt + response: every prompt leaves room for the longest candidate (or, for
-    generation, the longest response) within `max_length`, and a longer one loses its start (or the
-    record is skipped or refused), as in training."""
+    """A causal LM reads prompt + response within `max_length`: every prompt leaves room for the longest
+    candidate, or for its own response, and a longer one loses its start (or the record is skipped or
+    refused), as in training."""
 
     task = CAUSAL_LM
+    shares_length = True
+
+    def _target(self, tokenizer, response: str) -> list[int]:
+        return response_ids(tokenizer, response)
 
     def _features(self, records, tokenizer, fields, max_length, chat_template, too_long, room):
-        if room >= max_length:
-            raise UsageError(f"An evaluation {'candidate' if self.choices else 'response'} has {room} tokens (with "
-                             f"eos), leaving no room for a prompt within --max-length {max_length}; raise it.")
-        return causal_lm_features(records, tokenizer, max_length, fields, chat_template, too_long, room)
+        if room is not None and room >= max_length:
+            raise UsageError(f"An evaluation candidate has {room} tokens (with eos), leaving no room for a prompt "
+                             f"within --max-length {max_length}; raise it.")
+        return causal_lm_features(records, tokenizer, max_length, fields, chat_template, too_long, room,
+                                  cut_responses=False)
 
     def _prompt(self, feature: dict) -> list[int]:
         return feature["input_ids"][: feature["labels"].count(IGNORE_INDEX)]
@@ -340,16 +379,21 @@ class CausalLMEvaluator(_PromptResponseEvaluator):
 
 class Seq2SeqEvaluator(_PromptResponseEvaluator):
     """An encoder-decoder reads the prompt in its encoder and each candidate (or the response) in its
-    decoder: a prompt longer than `max_length` loses its end (or the record is skipped or refused), as
-    in training; a candidate or response longer than `max_length` is refused."""
+    decoder, as its tokenizer encodes a target (`target_ids`): a prompt longer than `max_length` loses
+    its end (or the record is skipped or refused), as in training; a response longer than `max_length`
+    is skipped (or refused), a candidate refused."""
 
     task = SEQ2SEQ
+    shares_length = False
+
+    def _target(self, tokenizer, response: str) -> list[int]:
+        return target_ids(tokenizer, response)
 
     def _features(self, records, tokenizer, fields, max_length, chat_template, too_long, room):
-        if room > max_length:
-            raise UsageError(f"An evaluation {'candidate' if self.choices else 'response'} has {room} tokens (with "
-                             f"eos), more than the decoder's --max-length {max_length}; raise it.")
-        return prepare(records, tokenizer, SEQ2SEQ, fields, max_length, too_long, chat_template)
+        if room is not None and room > max_length:
+            raise UsageError(f"An evaluation candidate has {room} tokens (with eos), more than the decoder's "
+                             f"--max-length {max_length}; raise it.")
+        return prepare(records, tokenizer, SEQ2SEQ, fields, max_length, too_long, chat_template, cut_responses=False)
 
     def _prompt(self, feature: dict) -> list[int]:
         return feature["input_ids"]

@@ -396,6 +396,7 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
     fields = s.fields
     set_seed(s.seed)  # a classifier's fresh head is drawn when the model loads
     model, tokenizer, task, records, feats, label2id = load_task_data(s, s.data)
+    notes = {"training": feats.note}  # what was done to the records (printed as read), kept in the summary
     eval_records = None
     if s.eval_split is not None:
         train_idx, eval_idx = _split(len(records), s.eval_split, s.seed)
@@ -412,6 +413,7 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
         evaluator = make_evaluator(task, eval_records, tokenizer, fields, s.max_length, s.chat_template, choices,
                                    label2id, s.eval_batch_size, progress=not s.quiet, too_long=s.too_long,
                                    max_generate=s.generate_samples, max_new_tokens=s.max_new_tokens)
+        notes["evaluation"] = evaluator.note
         if evaluator.note and main:
             print(f"{s.eval_data or 'the held-out split'}: {evaluator.note}", flush=True)
 
@@ -519,6 +521,7 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
         "processes": world,
         "step0_eval": evals[0] if evals and evals[0]["step"] == 0 else None,
         "final_eval": evals[-1] if evals else None,
+        "data_notes": {k: v for k, v in notes.items() if v},
         "metrics": metrics,
     }
     meta = {

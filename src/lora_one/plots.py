@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, Locator, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from lora_one.files import replacing  # noqa: E402
 
@@ -41,14 +44,52 @@ def plot_loss(metrics: list[dict], path: str | Path, title: str = "") -> Path:
     return Path(path)
 
 
+class LossTicks(Locator):
+    """The labelled ticks of a log-scale loss axis, few and apart whatever its span: evenly spaced round
+    numbers over up to a decade (where a log axis is nearly linear), 1, 2 and 5 of each decade over up
+    to four, powers of 10 beyond."""
+
+    def __call__(self):
+        return self.tick_values(*self.axis.get_view_interval())
+
+    def tick_values(self, vmin, vmax):
+        vmin, vmax = sorted((vmin, vmax))
+        decades = math.log10(vmax / vmin) if vmin > 0 else math.inf
+        if decades <= 1:
+            return [t for t in MaxNLocator(nbins=4).tick_values(vmin, vmax) if t > 0]
+        return LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 4 else (1.0,)).tick_values(vmin, vmax)
+
+
+def short_title(title: str) -> str:
+    """`title` with each word that names an existing file or folder by a path (`runs/data/train.jsonl`,
+    `/models/smollm2`) shortened to that file's stem or that folder's name; other words as they are."""
+    def short(match: re.Match) -> str:
+        word = match.group()
+        path = Path(word)
+        if "/" not in word or not path.exists():
+            return word
+        return (path.stem if path.is_file() else path.resolve().name) or word
+
+    return re.sub(r"[^\s,;()]+", short, title)
+
+
 def plot_comparison(curves: dict[str, dict[str, list[dict]]], path: str | Path, metric: str | None = "accuracy",
                     title: str = "", split: str = "held-out") -> Path:
-    """Loss and `metric` (None: loss only) against step, one line per method: `curves[method][key]` is a
-    list of points `{"step", "mean", "se"}`, drawn as the mean with a band of one standard error (where
-    there is one: several seeds)."""
+    """Loss and `metric` (None: loss only) against step, one line per method, written to `path`
+    (`comparison_figure`)."""
+    _save(comparison_figure(curves, metric, title, split), path)
+    return Path(path)
+
+
+def comparison_figure(curves: dict[str, dict[str, list[dict]]], metric: str | None = "accuracy", title: str = "",
+                      split: str = "held-out"):
+    """The figure of `plot_comparison`: `curves[method][key]` is a list of points `{"step", "mean",
+    "se"}`, drawn as the mean with a band of one standard error (where there is one: several seeds).
+    The loss axis is logarithmic with plain labels (`LossTicks`); the title names files by their stems
+    (`short_title`), wrapped to the figure's width."""
     keys = ["loss", *([metric] if metric else [])]
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    width = 5.5 * len(keys)
+    fig, axes = plt.subplots(1, len(keys), figsize=(width, 4), squeeze=False)
     for name, curve in curves.items():
         for ax, key in zip(axes[0], keys):
             points = curve[key]
@@ -60,13 +101,13 @@ def plot_comparison(curves: dict[str, dict[str, list[dict]]], path: str | Path, 
     for ax, key in zip(axes[0], keys):
         ax.set(xlabel="step", ylabel=f"{split} {key.replace('_', ' ')}", yscale="log" if key == "loss" else "linear")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if key == "loss":  # plain numbers on the log axis, not 3.5 x 10^0
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+        if key == "loss":  # plain numbers on the log axis, not 3.5 x 10^0; unlabelled minor ticks
+            ax.yaxis.set_major_locator(LossTicks())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(textwrap.fill(short_title(title), int(11 * width)))
     fig.tight_layout()
-    _save(fig, path)
-    return Path(path)
+    return fig

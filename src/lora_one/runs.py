@@ -178,7 +178,8 @@ def run_eval(s: EvalSettings) -> dict:
         print(f"{s.data}: {evaluator.note}", flush=True)
     model.eval()
     results = {"model": s.model, "adapter": s.adapter, "data": str(s.data), "task": task,
-               "metric": evaluator.metric, **evaluator(model)}
+               "metric": evaluator.metric, **evaluator(model),
+               "data_notes": {"evaluation": evaluator.note} if evaluator.note else {}}
     if out is not None:
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         results["written_to"] = str(out)

@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from numerics import gradient_tol, output_tol
 from safetensors.torch import load_file
 from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama, write_jsonl  # noqa: F401
-from transformers import AutoConfig, TrainerCallback
+from transformers import AutoConfig, AutoTokenizer, TrainerCallback
 
 from lora_one.cli import build_parser, main
 from lora_one.cli.args import settings_from
+from lora_one.data import prepare
 from lora_one.finetune import TrainingInterrupted, run_finetune
 
 BIN = Path(sys.executable).parent
@@ -69,17 +72,47 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(two: Path, one: Path, checkpoint: str, init_processes: int = 2) -> None:
+# NOT derived from the arithmetic (issue 19): after the two runs' arithmetic first differs at the same
+# weights, AdamW divides each gradient entry by its own running magnitude, so the round-off of an entry near
+# zero moves its update by up to lr, and no bound follows from the per-step round-off alone. Observed here:
+# adapters 8.5e-6, logged numbers 3.5e-6 (relative).
+TRAINED = 1e-4
+EXACT = ("step", "lr", "eval_accuracy")  # counts and float64 schedules: the same on both sides
+
+
+def step_tols(model: str, data: str, examples: int) -> dict[str, float]:
+    """Relative bounds between two float32 computations, by other batching, of one step's gradient (its norm)
+    and its loss at the same weights: each within its bound of the exact value, over at most `examples`
+    of the longest records."""
+    feats = prepare([json.loads(line) for line in Path(data).read_text().splitlines()],
+                    AutoTokenizer.from_pretrained(model), "causal-lm")
+    longest = max(len(f["input_ids"]) for f in feats)
+    rows = [{"input_ids": torch.zeros(longest, dtype=torch.long), "labels": torch.zeros(longest, dtype=torch.long)}]
+    config = AutoConfig.from_pretrained(model)
+    return {"grad_norm": 2 * gradient_tol(config, rows * examples),
+            "train_loss": 2 * output_tol(config, longest, examples * longest)}
+
+
+def assert_same_run(two: Path, one: Path, checkpoint: str, init_processes: int = 2, same_until: int = -1,
+                    step_tol: dict[str, float] | None = None) -> None:
+    """`same_until`: the last step both runs took in one process (the same arithmetic: equal bit for bit);
+    `step_tol`: the bounds of the next step (`step_tols`), taken at the same weights."""
     a, b = adapter(two), adapter(one)
     assert a.keys() == b.keys()
     for name in b:
         rel = float((a[name] - b[name]).norm() / b[name].norm())
-        assert rel <= 1e-4, (name, rel)
+        assert rel <= TRAINED, (name, rel)
     m2, m1 = metrics(two), metrics(one)
     assert [m["step"] for m in m2] == [m["step"] for m in m1]
     for x, y in zip(m2, m1):
+        assert x.keys() == y.keys(), (x, y)
         for key in y:
-            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (key, x, y)
+            if key in EXACT or x["step"] <= same_until:
+                assert x[key] == y[key], (key, x, y)
+            elif x["step"] == same_until + 1 and step_tol and key in step_tol:
+                assert x[key] == pytest.approx(y[key], rel=step_tol[key]), (key, x, y)
+            else:
+                assert x[key] == pytest.approx(y[key], rel=TRAINED, abs=1e-6), (key, x, y)
     sidecar = json.loads((two / "lora_one.json").read_text())
     assert sidecar["training"]["processes"] == 2 and sidecar["world_size"] == init_processes
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
@@ -99,8 +132,11 @@ def test_accelerate_launch_matches_one_process(tiny, tmp_path):
     args = ["finetune", "--model", tiny["bert"], "--data", tiny["sent"], "--eval-data", tiny["sent_eval"],
             "--rank", "4", "--init-samples", "4", "--batch-size", "4", "--grad-accum", "3", "--lr", "5e-3",
             "--precondition", "--head-init", "probe", "--probe-samples", "40", "--quiet"]
+    with socket.socket() as free:  # a port no other program holds now, not a fixed one
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
     launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"],
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port],
            [*args, "--out", str(tmp_path / "two")])
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert_same_run(tmp_path / "two", tmp_path / "one", "checkpoint-4")
@@ -117,12 +153,14 @@ def test_two_processes_resume_a_one_process_checkpoint(tiny, tmp_path):
             if state.global_step == 2:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(TrainingInterrupted):
+    with pytest.raises(TrainingInterrupted) as info:
         run_finetune(settings_from(build_parser().parse_args([*args, "--out", str(tmp_path / "two")])),
                      callbacks=(CtrlCDuringStep3(),))
     launch(TORCHRUN, [*args, "--out", str(tmp_path / "two"), "--resume"])
-    # the resumed run kept the one-process init from the saved step-0 adapter
-    assert_same_run(tmp_path / "two", tmp_path / "one", "checkpoint-6", init_processes=1)
+    # the resumed run kept the one-process init from the saved step-0 adapter, and the steps until the
+    # interruption; the first step on two processes starts from the same weights
+    assert_same_run(tmp_path / "two", tmp_path / "one", "checkpoint-6", init_processes=1,
+                    same_until=info.value.step, step_tol=step_tols(tiny["llama"], tiny["qa"], 4))
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny, tmp_path):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from numerics import U32
 from safetensors.torch import load_file
 from tiny_models import one_thread, tiny_llama_and_questions  # noqa: F401 (fixtures: one_thread, tiny)
 
@@ -31,7 +32,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny, tmp_path):
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("plain", "ckpt"))
     assert a.keys() == b.keys()
     for k in a:  # recomputed activations, the same arithmetic
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+        assert torch.equal(b[k], a[k]), k
     assert json.loads((tmp_path / "ckpt" / "args.json").read_text())["gradient_checkpointing"] is True
 
 
@@ -46,7 +47,8 @@ def test_report_to_tensorboard_logs_the_run(tiny, tmp_path):
     assert {"train/loss", "eval/loss", "eval/accuracy"} <= set(scalars), scalars
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = EventAccumulator(str(events[0].parent)).Reload().Scalars("train/loss")
-    assert [e.value for e in logged] == pytest.approx([m["train_loss"] for m in metrics if "train_loss" in m])
+    # TensorBoard keeps a scalar in float32: one rounding of the float64 value logged
+    assert [e.value for e in logged] == pytest.approx([m["train_loss"] for m in metrics if "train_loss" in m], rel=U32)
 
 
 def test_what_this_machine_cannot_do_is_refused_before_any_work(tiny, tmp_path, capsys, monkeypatch):

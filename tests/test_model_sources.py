@@ -10,15 +10,17 @@ import hashlib
 import json
 import multiprocessing
 import shutil
+import socket
 from pathlib import Path
 
 import gguf
 import httpx2
 import pytest
 import torch
-from conftest import full_finetuning_gradients, padded_batches, ragged_examples
+from conftest import padded_batches, ragged_examples
 from huggingface_hub import constants
 from huggingface_hub.errors import RepositoryNotFoundError
+from numerics import U32, relative_error
 from peft import PeftModel
 from test_cli_init import LM_ROWS, run, write_jsonl
 from tiny_models import one_thread, slow_conversion  # noqa: F401 (one_thread: a fixture)
@@ -103,7 +105,7 @@ def test_a_gguf_file_is_converted_once_under_its_content_hash(gguf_file, cache, 
     assert folder == cache / f"gguf-{sha256_of(path)[:24]}"
     converted = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.randint(0, 49152, (2, 9), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(converted(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert torch.equal(converted(ids).logits, model(ids).logits)  # the same float32 weights: the same arithmetic
     # another name for the same bytes: the same folder, not converted again
     copy = shutil.copy(path, tmp_path / "renamed.gguf")
     assert resolve_model_path(str(copy)) == folder
@@ -174,14 +176,17 @@ def test_a_gguf_path_that_is_no_gguf_file_is_one_line(case, message, cache, tmp_
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch, tiny_llama_dir):
     """A Hugging Face cache holding `acme/tiny` (the tiny Llama's files in a snapshot, as a download leaves
-    them), and a Hub that cannot be reached (a closed local port), whatever the machine has."""
+    them), and a Hub that cannot be reached (a closed local port), whatever the machine has: a port bound
+    here and never listened on refuses every connection, and no other program can take it meanwhile."""
     snapshot = tmp_path / "hf" / "models--acme--tiny" / "snapshots" / "0123abc"
     shutil.copytree(tiny_llama_dir, snapshot)
     (tmp_path / "hf" / "models--acme--tiny" / "refs").mkdir()
     (tmp_path / "hf" / "models--acme--tiny" / "refs" / "main").write_text("0123abc")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    return snapshot
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        yield snapshot
 
 
 @pytest.mark.parametrize("offline", [True, False])
@@ -203,7 +208,7 @@ def test_a_cached_hub_model_with_pytorch_bin_weights_only(hub_cache, tiny_llama_
     torch.save(original.state_dict(), hub_cache / "pytorch_model.bin")
     model, _, _ = load_model("acme/tiny")
     for name, value in original.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+        assert torch.equal(model.state_dict()[name], value), name
     assert model.name_or_path == "acme/tiny"
 
 
@@ -242,16 +247,28 @@ def test_a_name_that_is_nothing_lists_what_a_model_can_be(tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_model_gives_the_float32_gradient_in_float32(dtype, tiny_llama_dir):
-    """The gradient of a bf16/fp16 model is summed in fp32 and is the fp32 model's to half precision."""
+    """The gradient of a bf16/fp16 model: the fp32 model's weights rounded once to half precision, each
+    micro-batch's own backward in that dtype weighted by its share of the loss terms, summed in fp32. (Against
+    the fp32 model's gradient it errs by about 1e-2 for bf16, 8 bits of mantissa rounded all along the chain:
+    as much as a real bug, so that is not what is checked.)"""
     low, _, _ = load_model(str(tiny_llama_dir), dtype=dtype)
     assert low.model.layers[0].self_attn.q_proj.weight.dtype == dtype
+    full = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    assert all(torch.equal(w, full[n].to(dtype)) for n, w in low.state_dict().items())
     examples = ragged_examples(lengths=(6, 11, 9, 14))
-    got = estimate_gradients(low, padded_batches(examples, 2), progress=False, num_samples=None)
-    reference = full_finetuning_gradients(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), examples)
+    batches = padded_batches(examples, 2)
+    got = estimate_gradients(low, batches, progress=False, num_samples=None)
     assert got and all(g.dtype == torch.float32 for g in got.values())
-    for name, g in got.items():
-        rel = float((g - reference[name]).norm() / reference[name].norm())
-        assert rel < 3e-2, (name, rel)  # bf16 keeps 8 bits of mantissa: about 4e-3 a rounding
+    terms = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]  # predicted label tokens
+    reference = {name: 0.0 for name in got}
+    for batch, n in zip(batches, terms):
+        low.zero_grad()
+        (low(**batch).loss * (n / sum(terms))).backward()
+        for name in got:
+            reference[name] = reference[name] + low.get_submodule(name).weight.grad.double()
+    for name, g in got.items():  # the same half-precision terms; their float32 sum of 2 rounds once (<= u32)
+        rel = relative_error(g, reference[name])
+        assert rel <= U32, (name, rel)
 
 
 @pytest.mark.parametrize("command", ["init", "finetune"])

@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from numerics import assert_same_outputs, output_tol
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama, write_jsonl  # noqa: F401
@@ -124,16 +125,24 @@ def test_save_reload_eval_merge(task, variant, tmp_path):
 
     # (a) stock PEFT on the untouched base
     loaded = PeftModel.from_pretrained(task["base"](), out).eval()
-    torch.testing.assert_close(logits(loaded, task["eval_batch"]), want, rtol=0, atol=2e-5)
+    positions = task["eval_batch"]["input_ids"].shape[1]
+    if converted:  # the original base with a rank-2r adapter against the residual base with the rank-r one
+        assert_same_outputs(logits(loaded, task["eval_batch"]), want, loaded, positions)
+    else:  # the same base, the same adapter read back bit for bit: the same arithmetic
+        assert torch.equal(logits(loaded, task["eval_batch"]), want)
 
     # (b) lora-one eval: batches of 3 over 7 records, so a short last batch
     result = tmp_path / "eval.json"
     assert main(["eval", "--model", str(task["folder"]), "--adapter", str(out), "--data", str(task["eval_file"]),
                  "--batch-size", "3", "--out", str(result)]) == 0
-    assert json.loads(result.read_text())["loss"] == pytest.approx(want_loss, rel=1e-5)
+    labels = task["eval_batch"]["labels"]
+    terms = int((labels != -100).sum())  # supervised tokens, or examples
+    # other batches (of 3) and padding, maybe other weights: two float32 losses, each within output_tol
+    got_loss = json.loads(result.read_text())["loss"]
+    assert got_loss == pytest.approx(want_loss, rel=2 * output_tol(model, positions, terms))
 
     # (c) lora-one merge
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(task["folder"]), "--adapter", str(out), "--out", str(merged)]) == 0
     plain = task["auto"].from_pretrained(merged).eval()
-    torch.testing.assert_close(logits(plain, task["eval_batch"]), want, rtol=0, atol=2e-5)
+    assert_same_outputs(logits(plain, task["eval_batch"]), want, plain, positions)  # merged weights: other arithmetic

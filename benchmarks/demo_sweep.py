@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_one.compare import step0_key
-from lora_one.demo import DEMOS
-from lora_one.finetune import run_finetune
-from lora_one.settings import FinetuneSettings
+from lora_one.recipes.compare import step0_key
+from lora_one.recipes.demo import DEMOS
+from lora_one.recipes.finetune import run_finetune
+from lora_one.recipes.settings import FinetuneSettings
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -59,9 +59,9 @@ def probe_study(seed: int, samples=(1000, 2000), l2s=(1e-4, 1e-3, 1e-2)) -> list
     """Validation accuracy of the linear-probe head alone (frozen MiniLM features) per L2 penalty."""
     import torch
 
-    from lora_one.data import classification_features, label_mapping, read_records
-    from lora_one.models import load_model
-    from lora_one.probe import fit_logistic, head_inputs
+    from lora_one.recipes.data import classification_features, label_mapping, read_records
+    from lora_one.recipes.models import load_model
+    from lora_one.recipes.probe import fit_logistic, head_inputs
 
     train_recs = read_records("sentiment", "classification")
     label2id = label_mapping(train_recs)

@@ -42,7 +42,7 @@ def step_seconds(peft_model, feats, pad: int, batch_size: int, steps: int = 3) -
     """Median wall time of a LoRA training step (AdamW, one micro-batch of the demo's batch size), after a
     warm-up step: measured in the same process as the search, so under the same load."""
     from lora_one import create_optimizer
-    from lora_one.data import collate
+    from lora_one.recipes.data import collate
 
     opt = create_optimizer(peft_model, lr=1e-4)
     peft_model.train()
@@ -62,7 +62,9 @@ def case(task: str, seed: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from lora_one import estimate_gradients
-    from lora_one.data import (
+    from lora_one.core.init import DEFAULT_GAMMA_GRID, search_gamma
+    from lora_one.linalg.spectral import top_svd
+    from lora_one.recipes.data import (
         causal_lm_features,
         classification_features,
         collate,
@@ -70,11 +72,9 @@ def case(task: str, seed: int) -> dict:
         init_sample_indices,
         label_mapping,
     )
-    from lora_one.embedded_data import load as load_data
-    from lora_one.init import DEFAULT_GAMMA_GRID, search_gamma
-    from lora_one.models import load_model
-    from lora_one.probe import probe_head
-    from lora_one.spectral import top_svd
+    from lora_one.recipes.embedded_data import load as load_data
+    from lora_one.recipes.models import load_model
+    from lora_one.recipes.probe import probe_head
 
     model_name, data, n_init, batch_size, head, n_val, train_batch, train_steps = TASKS[task]
     train, val = load_data(f"{data}:train"), load_data(f"{data}:val")[:n_val]

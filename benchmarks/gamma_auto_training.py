@@ -19,8 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lora_one.compare import CompareSettings, run_compare
-from lora_one.demo import DEMOS
+from lora_one.recipes.compare import CompareSettings, run_compare
+from lora_one.recipes.demo import DEMOS
 
 RESULT = Path(__file__).parent / "results" / "gamma_auto_training.md"
 

@@ -24,10 +24,10 @@ def main() -> None:
     from peft import LoraConfig
 
     from lora_one import get_lora_one_model
-    from lora_one.data import causal_lm_features, init_batches
-    from lora_one.embedded_data import load
-    from lora_one.gradcache import weights_sha256
-    from lora_one.models import load_model
+    from lora_one.core.gradcache import weights_sha256
+    from lora_one.recipes.data import causal_lm_features, init_batches
+    from lora_one.recipes.embedded_data import load
+    from lora_one.recipes.models import load_model
 
     torch.set_num_threads(1)
     model, tok, _ = load_model("smollm2-135m", "causal-lm")

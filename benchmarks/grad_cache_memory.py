@@ -46,7 +46,7 @@ def status(key: str) -> int:
 
 def read(folder: str, layers: int) -> dict:
     """Run in a fresh process: the peak resident-set growth of one lookup and a pass over its values."""
-    from lora_one.gradcache import GradientCache
+    from lora_one.core.gradcache import GradientCache
 
     cache = GradientCache(folder)
     Path("/proc/self/clear_refs").write_text("5")  # the peak so far (imports) starts again from here
@@ -67,12 +67,12 @@ def main() -> None:
         print(json.dumps(read(args.read, args.layers)))
         return
 
-    import lora_one.gradcache as gradcache
+    import lora_one.core.gradcache as gradcache
 
     layer_bytes = SHAPE[0] * SHAPE[1] * 4
     layers = max(1, round(args.mb * 1e6 / layer_bytes))
     source = Path(gradcache.__file__)
-    print(f"lora_one.gradcache: {source} (sha256 {hashlib.sha256(source.read_bytes()).hexdigest()[:12]})")
+    print(f"lora_one.core.gradcache: {source} (sha256 {hashlib.sha256(source.read_bytes()).hexdigest()[:12]})")
     with tempfile.TemporaryDirectory() as folder:
         generator = torch.Generator().manual_seed(0)
         grads = {name: torch.randn(SHAPE, generator=generator) for name in fields(layers)["targets"]}

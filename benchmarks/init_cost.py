@@ -72,7 +72,7 @@ class SketchPhases:
         self.passed = False  # whether a pass added tokens since the last run
 
     def __enter__(self):
-        from lora_one.sketch import GradientSketch
+        from lora_one.linalg.sketch import GradientSketch
 
         self.originals = {name: getattr(GradientSketch, name) for name in ("next_pass", "top_svd", "add_tokens")}
         for name, method in self.originals.items():
@@ -81,7 +81,7 @@ class SketchPhases:
         return self
 
     def __exit__(self, *exc):
-        from lora_one.sketch import GradientSketch
+        from lora_one.linalg.sketch import GradientSketch
 
         for name, method in self.originals.items():
             setattr(GradientSketch, name, method)
@@ -116,9 +116,9 @@ class SketchPhases:
 def load(n: int, batch_size: int = 1):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_one.data import causal_lm_features, init_batches
-    from lora_one.embedded_data import load as load_data
-    from lora_one.models import resolve_model_path
+    from lora_one.recipes.data import causal_lm_features, init_batches
+    from lora_one.recipes.embedded_data import load as load_data
+    from lora_one.recipes.models import resolve_model_path
 
     path = resolve_model_path("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
@@ -143,7 +143,7 @@ def child(job: str, n: int) -> dict:
     from peft import get_peft_model
 
     from lora_one import create_optimizer, estimate_gradients, init_lora_one
-    from lora_one.spectral import top_svd
+    from lora_one.linalg.spectral import top_svd
 
     batch_size = n if job == "single-batch" else 1
     model, batches = load(n, batch_size)
@@ -197,7 +197,7 @@ def run_child(job: str, n: int) -> dict:
 def svd_accuracy(n: int, layer_stride: int) -> dict:
     """Ours vs the reference SVD vs the sketch on the same real gradients, against float64 SVD."""
     from lora_one import estimate_gradients
-    from lora_one.spectral import exact_svd, randomized_svd, subspace_sine
+    from lora_one.linalg.spectral import exact_svd, randomized_svd, subspace_sine
 
     model, batches = load(n)
     grads = estimate_gradients(model, batches, progress=False, num_samples=None)
@@ -233,7 +233,7 @@ def svd_accuracy(n: int, layer_stride: int) -> dict:
 
 
 def allreduce_bytes(shapes, r: int) -> dict:
-    from lora_one.sketch import default_sizes
+    from lora_one.linalg.sketch import default_sizes
 
     full = sum(m * n for m, n in shapes) * 4
     sketch = sum(m * k + l * n for (m, n) in shapes for k, l in [default_sizes(r, m, n)]) * 4
@@ -245,8 +245,8 @@ def allreduce_bytes(shapes, r: int) -> dict:
 
 def svd_flops(shapes, r: int) -> dict:
     """Leading-order FLOPs: matmuls with G dominate the randomised SVDs; Golub-Van Loan for exact."""
-    from lora_one.sketch import default_sizes
-    from lora_one.spectral import DEFAULT_NITER, MIN_OVERSAMPLE
+    from lora_one.linalg.sketch import default_sizes
+    from lora_one.linalg.spectral import DEFAULT_NITER, MIN_OVERSAMPLE
 
     q_ours = r + max(r, MIN_OVERSAMPLE)
     ours = sum(2 * m * n * min(q_ours, m, n) * (2 + 2 * DEFAULT_NITER) for m, n in shapes)

@@ -2,7 +2,7 @@
 the levers the paper points at, and the core methods each at its own learning rate (issue 13).
 docs/benchmark.md holds the results and their reading.
 
-Tasks (the embedded data, `lora_one.embedded_data`):
+Tasks (the embedded data, `lora_one.recipes.embedded_data`):
 - `sentiment`: all-MiniLM-L6-v2 classifying Rotten Tomatoes snippets (2 labels; 500 of the 1,000 test
   examples, the same fixed sample for every run);
 - `trec-cls`: all-MiniLM-L6-v2 classifying TREC questions by type (6 labels, the 500 test questions);
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from lora_one.compare import CompareSettings, difference, run_compare
+from lora_one.recipes.compare import CompareSettings, difference, run_compare
 
 RESULTS = Path(__file__).parent / "results" / "quality"
 COMMON = dict(rank=8, alpha=16.0, gamma=128.0, schedule="constant_with_warmup", warmup_steps=4, max_length=128)

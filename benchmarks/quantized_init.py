@@ -53,10 +53,10 @@ def status_mb(field: str) -> float:
 def child(name: str, out: str) -> None:
     import time
 
-    from lora_one.data import init_batches
-    from lora_one.gradients import estimate_gradients
-    from lora_one.runs import complete_model_settings, load_task_data
-    from lora_one.settings import InitSettings
+    from lora_one.core.gradients import estimate_gradients
+    from lora_one.recipes.data import init_batches
+    from lora_one.recipes.runs import complete_model_settings, load_task_data
+    from lora_one.recipes.settings import InitSettings
 
     dtype, quantize, mode = CONFIGS[name]
     s = InitSettings(model="smollm2-135m", data="trec", out=tempfile.mkdtemp(), dtype=dtype, quantize=quantize,
@@ -96,7 +96,7 @@ def exact_top(g: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def compare(reference: tuple, svd: tuple) -> tuple[float, float]:
     """`(sine, kept)` of one layer, see the module docstring."""
-    from lora_one.spectral import subspace_sine
+    from lora_one.linalg.spectral import subspace_sine
 
     (U0, S0, V0), (U, _, V) = [[t.double() for t in x] for x in (reference, svd)]
     sine = max(subspace_sine(U0, U), subspace_sine(V0, V))

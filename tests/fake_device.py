@@ -25,8 +25,8 @@ from tiny_models import LORA
 from torch.utils._pytree import tree_map
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
-import lora_one.parallel
-import lora_one.sketch
+import lora_one.core.parallel
+import lora_one.linalg.sketch
 from lora_one import get_lora_one_model
 
 NAME = "fakedev"
@@ -156,15 +156,15 @@ def run(case: str) -> dict[str, dict]:
     out = {}
     for where in ("cpu", NAME):
         STATE["float64"] = float64
-        lora_one.sketch.NO_FLOAT64 = ("mps",) if float64 else ("mps", NAME)  # as the device is
+        lora_one.linalg.sketch.NO_FLOAT64 = ("mps",) if float64 else ("mps", NAME)  # as the device is
         fake_dist = FakeNccl()
         if nccl and where == NAME:
-            lora_one.parallel.dist = fake_dist
+            lora_one.core.parallel.dist = fake_dist
         try:
             model = get_lora_one_model(tiny_llama().to(where), config, batches, gamma=[8.0, 16.0, 32.0],
                                        num_samples=INIT, progress=False, **kwargs)
         finally:
-            lora_one.parallel.dist = dist
+            lora_one.core.parallel.dist = dist
         out[where] = {"products": products({n: p.detach().cpu() for n, p in model.named_parameters()}),
                       "gamma": model.lora_one_metadata["gamma"], "reduced": fake_dist.reduced}
     return out

@@ -39,8 +39,8 @@ from transformers import (
 )
 
 from lora_one import LoraOneCallback, create_optimizer
-from lora_one.errors import UsageError
-from lora_one.targets import lora_layers
+from lora_one.core.errors import UsageError
+from lora_one.core.targets import lora_layers
 
 HERE = Path(__file__).parent
 GAMMA = 16.0

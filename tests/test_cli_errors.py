@@ -20,7 +20,7 @@ from tiny_models import one_thread, question_records, sentiment_records, tiny_be
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_one.cli import main
-from lora_one.data import causal_lm_features, classification_features, prompt_ids, read_records, response_ids
+from lora_one.recipes.data import causal_lm_features, classification_features, prompt_ids, read_records, response_ids
 
 LONG_PROMPT = "question : " + " ".join(["the city river"] * 30) + " ? type :"  # 95 tokens: over 64 positions
 LONG_TEXT = " ".join(["the good movie"] * 30)
@@ -161,12 +161,12 @@ def test_eval_labels_unseen_in_training(tiny, cls_run, capsys):
 
 def test_internal_bugs_keep_their_traceback(tiny, tmp_path, monkeypatch):
     """Only UsageError becomes one line: a bug (here a ValueError from inside the gradient phase) propagates."""
-    import lora_one.runs
+    import lora_one.recipes.runs
 
     def bug(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(lora_one.runs, "get_lora_one_model", bug)
+    monkeypatch.setattr(lora_one.recipes.runs, "get_lora_one_model", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         main(command("init", tiny, tmp_path / "out"))
 

@@ -10,8 +10,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_one.cli import main
-from lora_one.data import init_sample_indices, prepare
 from lora_one.cli.init import print_layer_table
+from lora_one.recipes.data import init_sample_indices, prepare
 
 
 def write_jsonl(path, rows):
@@ -107,12 +107,12 @@ def test_existing_out_needs_overwrite(tiny_llama_dir, tmp_path, capsys):
 
 def test_init_leaves_no_half_written_folder_on_failure(tiny_llama_dir, tmp_path, monkeypatch):
     """A failure while saving leaves neither --out nor a temporary sibling behind."""
-    import lora_one.save
+    import lora_one.core.save
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora_one.save.PeftModel, "save_pretrained", boom)
+    monkeypatch.setattr(lora_one.core.save.PeftModel, "save_pretrained", boom)
     data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
     with pytest.raises(OSError, match="disk full"):
         run("init", "--model", tiny_llama_dir, "--data", data, "--out", tmp_path / "out", "--rank", 2)
@@ -124,15 +124,15 @@ def test_init_sketch_passes_from_cli(tiny_llama_dir, tmp_path, capsys, monkeypat
     as wide as each layer, so exact but for round-off) gives the accumulate-mode adapter."""
     from safetensors.torch import load_file
 
-    import lora_one.init
+    import lora_one.core.init
 
-    calls, real = [], lora_one.init.estimate_gradients
+    calls, real = [], lora_one.core.init.estimate_gradients
 
     def wide(*args, **kwargs):
         calls.append({k: kwargs.get(k) for k in ("mode", "passes")})
         return real(*args, **{**kwargs, "oversample": 64} if kwargs.get("mode") == "sketch" else kwargs)
 
-    monkeypatch.setattr(lora_one.init, "estimate_gradients", wide)
+    monkeypatch.setattr(lora_one.core.init, "estimate_gradients", wide)
     data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
     common = ("--model", tiny_llama_dir, "--data", data, "--rank", 2, "--init-samples", 4, "--max-length", 32)
     assert run("init", *common, "--out", tmp_path / "exact") == 0

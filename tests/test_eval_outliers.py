@@ -14,11 +14,19 @@ from tiny_models import one_thread, tiny_llama, tiny_llama_folder, tiny_llama_to
 from transformers import AutoModelForCausalLM
 
 from lora_one.cli import main
-from lora_one.compare import CompareSettings, run_compare
-from lora_one.data import IGNORE_INDEX, Fields, causal_lm_features, check_records, prepare, read_records, resolve_format
-from lora_one.errors import UsageError
-from lora_one.evaluate import CausalLMEvaluator, make_evaluator
-from lora_one.models import CAUSAL_LM, CLASSIFICATION
+from lora_one.core.errors import UsageError
+from lora_one.recipes.compare import CompareSettings, run_compare
+from lora_one.recipes.data import (
+    IGNORE_INDEX,
+    Fields,
+    causal_lm_features,
+    check_records,
+    prepare,
+    read_records,
+    resolve_format,
+)
+from lora_one.recipes.evaluate import CausalLMEvaluator, make_evaluator
+from lora_one.recipes.models import CAUSAL_LM, CLASSIFICATION
 
 MAX = 16
 LONG = " " + " ".join(["the city river"] * 8)  # 24 words + eos: alone over --max-length 16

@@ -1,4 +1,4 @@
-"""The write rules of `lora_one.files` and every writer that follows them: nothing we did not write is
+"""The write rules of `lora_one.core.files` and every writer that follows them: nothing we did not write is
 deleted, outputs appear atomically, a crash leaves the old state."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from tiny_models import one_thread, question_records, write_jsonl  # noqa: F401
 from tiny_models import tiny_llama as tiny_llama_folder
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lora_one import files, get_lora_one_model, save_adapter
+from lora_one import get_lora_one_model, save_adapter
 from lora_one.cli import main
-from lora_one.errors import UsageError
-from lora_one.files import ADAPTER, MODEL, check_out_folder, remove_ours, staged_folder, write_text_atomic
+from lora_one.core import files
+from lora_one.core.errors import UsageError
+from lora_one.core.files import ADAPTER, MODEL, check_out_folder, remove_ours, staged_folder, write_text_atomic
 
 
 def tree(folder: Path) -> dict[str, bytes]:

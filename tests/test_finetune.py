@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lora_one.cli import build_parser, main
 from lora_one.cli.args import settings_from
-from lora_one.data import collate, prompt_ids, response_ids
-from lora_one.finetune import TrainingInterrupted, run_finetune
-from lora_one.spectral import VARIANTS
+from lora_one.linalg.spectral import VARIANTS
+from lora_one.recipes.data import collate, prompt_ids, response_ids
+from lora_one.recipes.finetune import TrainingInterrupted, run_finetune
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +140,9 @@ def test_interrupt_and_resume_gives_the_uninterrupted_adapter(tiny, tmp_path, ca
     def init_again(*args, **kwargs):
         raise AssertionError("--resume must restore the step-0 adapter from the checkpoint, not redo the init")
 
-    monkeypatch.setattr("lora_one.init.estimate_gradients", init_again)
+    monkeypatch.setattr("lora_one.core.init.estimate_gradients", init_again)
     monkeypatch.setattr(LoraLayer, "pissa_init", init_again)
-    monkeypatch.setattr("lora_one.finetune.probe_head", init_again)
+    monkeypatch.setattr("lora_one.recipes.finetune.probe_head", init_again)
     assert main(make(tiny, cut, *settings, "--resume")) == 0
     a, b = _weights(full), _weights(cut)
     assert a.keys() == b.keys()
@@ -278,15 +278,15 @@ def test_eval_matches_hand_computed_accuracy(tiny, tmp_path, capsys, monkeypatch
     assert res["exact_match_n"] == 4  # the default sample (200) holds them all
     # A bounded sample and a cap on new tokens: generation runs on 2 of the 4 prompts, 1 token each,
     # and the loss stays on all 4.
-    import lora_one.evaluate
+    import lora_one.recipes.evaluate
 
-    real, seen = lora_one.evaluate.greedy_generate, []
+    real, seen = lora_one.recipes.evaluate.greedy_generate, []
 
     def counted(model, tokenizer, prompts, max_new_tokens, *args):
         seen.append((len(prompts), max_new_tokens))
         return real(model, tokenizer, prompts, max_new_tokens, *args)
 
-    monkeypatch.setattr(lora_one.evaluate, "greedy_generate", counted)
+    monkeypatch.setattr(lora_one.recipes.evaluate, "greedy_generate", counted)
     loss_all = res["loss"]
     assert main(["eval", "--model", tiny["llama"], "--data", str(open_path), "--out", str(res_path),
                  "--generate-samples", "2", "--max-new-tokens", "1"]) == 0
@@ -355,7 +355,7 @@ def test_bad_input_is_one_clean_line(tiny, tmp_path, capsys):
 
 
 def test_demo_pipeline_on_tiny_models(tiny, tmp_path, monkeypatch):
-    from lora_one import demo
+    from lora_one.recipes import demo
 
     monkeypatch.setitem(demo.DEMOS, "tiny", demo.Demo(
         model=tiny["llama"], data=tiny["qa"], val=tiny["qa_eval"], test=tiny["qa_eval"], what="tiny",

@@ -5,9 +5,9 @@ import torch
 from numerics import assert_same_outputs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_one.data import prompt_ids, response_ids
-from lora_one.embedded_data import TREC_TYPES, load
-from lora_one.evaluate import score_candidates
+from lora_one.recipes.data import prompt_ids, response_ids
+from lora_one.recipes.embedded_data import TREC_TYPES, load
+from lora_one.recipes.evaluate import score_candidates
 
 pytestmark = pytest.mark.slow
 

@@ -83,8 +83,8 @@ def test_push_to_hub_uploads_the_adapter_and_its_sidecar(tiny, tmp_path, monkeyp
             calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir()
                                                     if any(p.match(g) for g in allow_patterns))))
 
-    monkeypatch.setattr("lora_one.hub.HfApi", FakeApi)
-    monkeypatch.setattr("lora_one.hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("lora_one.recipes.hub.HfApi", FakeApi)
+    monkeypatch.setattr("lora_one.recipes.hub.constants.HF_HUB_OFFLINE", False)
     assert finetune(tiny, tmp_path / "my-adapter", "--push-to-hub") == 0
     assert calls == [("create", "my-adapter"), ("upload", "me/my-adapter",
                                                  ["README.md", "adapter_config.json", "adapter_model.safetensors",

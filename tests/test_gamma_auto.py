@@ -13,9 +13,9 @@ from peft import LoraConfig
 from tiny_models import LORA
 
 from lora_one import LoraOneCallback, estimate_gradients, get_lora_one_model, init_lora_one
-from lora_one.errors import UsageError
-from lora_one.gradcache import hash_batches
-from lora_one.init import DEFAULT_GAMMA_GRID, parse_gamma, search_gamma
+from lora_one.core.errors import UsageError
+from lora_one.core.gradcache import hash_batches
+from lora_one.core.init import DEFAULT_GAMMA_GRID, parse_gamma, search_gamma
 
 GRID = [1.0, 4.0, 16.0, 64.0, 256.0]
 

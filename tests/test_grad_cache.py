@@ -15,9 +15,10 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from tiny_models import LORA
 
-from lora_one import estimate_gradients, get_lora_one_model, gradcache
-from lora_one.errors import UsageError
-from lora_one.gradcache import GradientCache
+from lora_one import estimate_gradients, get_lora_one_model
+from lora_one.core import gradcache
+from lora_one.core.errors import UsageError
+from lora_one.core.gradcache import GradientCache
 
 HERE = Path(__file__).parent
 MODES = {"accumulate": ({}, 1), "sketch": ({"grad_mode": "sketch"}, 3),
@@ -125,7 +126,7 @@ def test_a_quantised_base_hits_and_its_scales_are_part_of_the_key(tmp_path):
     pytest.importorskip("bitsandbytes")
     from tiny_models import tiny_llama as tiny_llama_folder
 
-    from lora_one.models import load_model
+    from lora_one.recipes.models import load_model
 
     folder = tiny_llama_folder(tmp_path / "model")
     batches = [{"input_ids": b["input_ids"] % 30, "labels": torch.where(b["labels"] < 0, -100, b["labels"] % 30)}

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tiny_models import LORA
 
 from lora_one import VARIANTS, estimate_gradients, get_lora_one_model, init_lora_one, save_adapter
-from lora_one.spectral import exact_svd
+from lora_one.linalg.spectral import exact_svd
 from numerics import assert_same_outputs, checked, relative_error, sum_tol, truncation_tols
 
 

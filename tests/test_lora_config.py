@@ -13,10 +13,10 @@ from peft.utils import ModulesToSaveWrapper
 from tiny_models import one_thread  # noqa: F401 (autouse fixture: tiny matrices run fastest on one thread)
 from torch import nn
 
-import lora_one.init
+import lora_one.core.init
 from lora_one import estimate_gradients, get_lora_one_model
-from lora_one.errors import UsageError
-from lora_one.targets import lora_layers
+from lora_one.core.errors import UsageError
+from lora_one.core.targets import lora_layers
 
 R, ALPHA, GAMMA = 4, 16.0, 8.0
 # One field of the LoraConfig each, beside the global r = 4.
@@ -68,7 +68,7 @@ def test_the_layers_peft_wraps_take_the_step_of_their_own_rank_and_scale(field, 
         estimated.append(set(gradients))
         return gradients
 
-    monkeypatch.setattr(lora_one.init, "estimate_gradients", recording)
+    monkeypatch.setattr(lora_one.core.init, "estimate_gradients", recording)
     model = get_lora_one_model(tiny_llama(), config(field), MODES[mode], gamma=GAMMA, grad_mode=mode,
                                num_samples=None, progress=False)
     layers = lora_layers(model)

@@ -26,9 +26,9 @@ from test_cli_init import LM_ROWS, run, write_jsonl
 from tiny_models import one_thread, slow_conversion  # noqa: F401 (one_thread: a fixture)
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lora_one import models
-from lora_one.gradients import estimate_gradients
-from lora_one.models import _package_dir, load_model, resolve_model_path
+from lora_one.core.gradients import estimate_gradients
+from lora_one.recipes import models
+from lora_one.recipes.models import _package_dir, load_model, resolve_model_path
 
 # llama.cpp's tensor names for a Llama block's weights
 BLOCK_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -10,7 +10,7 @@ from peft import LoraConfig
 from tiny_models import LORA
 
 from lora_one import create_optimizer, get_lora_one_model
-from lora_one.preconditioner import precondition
+from lora_one.linalg.preconditioner import precondition
 
 
 def solve_tol(gram: torch.Tensor, n: int) -> float:
@@ -107,7 +107,7 @@ def test_weight_decay_has_one_default_zero():
     AdamW alone would decay by 0.01), with or without the preconditioner."""
     import inspect
 
-    from lora_one.settings import FinetuneSettings
+    from lora_one.recipes.settings import FinetuneSettings
 
     model = get_lora_one_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), None, variant="lora")
     for preconditioned in (False, True):

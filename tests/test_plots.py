@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lora_one.plots import comparison_figure, plot_comparison, short_title
+from lora_one.recipes.plots import comparison_figure, plot_comparison, short_title
 
 
 def curve(first: float, last: float, steps=(0, 25, 50, 75, 100)) -> list[dict]:

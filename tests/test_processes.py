@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tiny_models import slow_conversion
 
-from lora_one import models
+from lora_one.recipes import models
 
 
 def _rank_on_a_fresh_machine(root: Path, barrier, results) -> None:

@@ -27,13 +27,14 @@ from tiny_models import (  # noqa: F401 (fixtures: one_thread, base_dir, tok)
 )
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from lora_one import LoraOneCallback, models
-from lora_one.errors import UsageError
-from lora_one.finetune import _split
-from lora_one.gradients import estimate_gradients
-from lora_one.init import get_lora_one_model
-from lora_one.models import load_model
-from lora_one.targets import lora_layers
+from lora_one import LoraOneCallback
+from lora_one.core.errors import UsageError
+from lora_one.core.gradients import estimate_gradients
+from lora_one.core.init import get_lora_one_model
+from lora_one.core.targets import lora_layers
+from lora_one.recipes import models
+from lora_one.recipes.finetune import _split
+from lora_one.recipes.models import load_model
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -8,8 +8,8 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_one import estimate_gradients, get_lora_one_model, save_adapter
-from lora_one.data import causal_lm_features, collate
-from lora_one.embedded_data import load
+from lora_one.recipes.data import causal_lm_features, collate
+from lora_one.recipes.embedded_data import load
 
 pytestmark = pytest.mark.slow
 

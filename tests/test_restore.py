@@ -10,8 +10,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
 from lora_one import VARIANTS, get_lora_one_model
-from lora_one.errors import UsageError
-from lora_one.init import lora_one_state, restore_lora_one
+from lora_one.core.errors import UsageError
+from lora_one.core.init import lora_one_state, restore_lora_one
 
 
 def config(r=2):
@@ -23,7 +23,7 @@ def no_init_work(monkeypatch):
         raise AssertionError("restore_lora_one must not redo the init")
 
     for name in ("estimate_gradients", "lora_factors_and_spectrum"):  # the gradient phase, our SVD
-        monkeypatch.setattr(f"lora_one.init.{name}", init_again)
+        monkeypatch.setattr(f"lora_one.core.init.{name}", init_again)
     for name in ("pissa_init", "lora_ga_init"):  # PEFT's SVDs
         monkeypatch.setattr(LoraLayer, name, init_again)
 

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from lora_one import get_lora_one_model, save_adapter
 from lora_one.cli import main
-from lora_one.errors import UsageError
-from lora_one.spectral import BASE_CHANGING_VARIANTS
+from lora_one.core.errors import UsageError
+from lora_one.linalg.spectral import BASE_CHANGING_VARIANTS
 
 RANK = 4
 

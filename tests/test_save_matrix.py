@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lora_one import get_lora_one_model, save_adapter
 from lora_one.cli import main
-from lora_one.spectral import BASE_CHANGING_VARIANTS, VARIANTS
+from lora_one.linalg.spectral import BASE_CHANGING_VARIANTS, VARIANTS
 
 RANK = 4
 LABELS = {"negative": 0, "positive": 1}

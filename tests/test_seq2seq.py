@@ -37,7 +37,11 @@ from transformers import (
 )
 
 from lora_one import LoraOneCallback, estimate_gradients
-from lora_one.data import (
+from lora_one.core.errors import UsageError
+from lora_one.core.init import get_lora_one_model
+from lora_one.core.save import save_adapter
+from lora_one.core.targets import lora_layers
+from lora_one.recipes.data import (
     IGNORE_INDEX,
     Fields,
     collate,
@@ -47,13 +51,15 @@ from lora_one.data import (
     read_records,
     seq2seq_features,
 )
-from lora_one.errors import UsageError
-from lora_one.evaluate import Seq2SeqEvaluator, choices_of, greedy_generate, make_evaluator, score_seq2seq_candidates
-from lora_one.init import get_lora_one_model
-from lora_one.merge import merge_adapter
-from lora_one.models import PEFT_TASK_TYPES, SEQ2SEQ, infer_task, load_model
-from lora_one.save import save_adapter
-from lora_one.targets import lora_layers
+from lora_one.recipes.evaluate import (
+    Seq2SeqEvaluator,
+    choices_of,
+    greedy_generate,
+    make_evaluator,
+    score_seq2seq_candidates,
+)
+from lora_one.recipes.merge import merge_adapter
+from lora_one.recipes.models import PEFT_TASK_TYPES, SEQ2SEQ, infer_task, load_model
 
 GAMMA, RANK = 16.0, 4
 SENTENCES = ["a gripping, funny and moving film", "dull", "the plot drags and the jokes fall flat every time",

@@ -15,9 +15,9 @@ from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from lora_one.cli import main
-from lora_one.data import Fields, seq2seq_features, target_ids
-from lora_one.evaluate import make_evaluator
-from lora_one.models import SEQ2SEQ, infer_task
+from lora_one.recipes.data import Fields, seq2seq_features, target_ids
+from lora_one.recipes.evaluate import make_evaluator
+from lora_one.recipes.models import SEQ2SEQ, infer_task
 
 WORDS = ["review:", "a", "good", "film", "dull", "plot", "warm", "and", "wise", "positive", "negative"]
 RECORDS = [{"prompt": f"review: {text}", "response": label} for text, label in [

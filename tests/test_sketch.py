@@ -1,12 +1,12 @@
-"""The multi-pass gradient sketch (lora_one.sketch) against dense references on synthetic matrices."""
+"""The multi-pass gradient sketch (lora_one.linalg.sketch) against dense references on synthetic matrices."""
 
 import pytest
 import torch
 from numerics import assert_same_top_svd, sum_tol
 from test_spectral import decaying_matrix
 
-from lora_one.sketch import GradientSketch, default_sizes
-from lora_one.spectral import exact_svd, subspace_sine
+from lora_one.linalg.sketch import GradientSketch, default_sizes
+from lora_one.linalg.spectral import exact_svd, subspace_sine
 
 
 def sketch(G: torch.Tensor, r: int, passes: int, seed: int = 0) -> GradientSketch:

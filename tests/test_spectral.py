@@ -4,7 +4,7 @@ import pytest
 import torch
 from numerics import checked, relative_error, sum_tol, truncation_tol
 
-from lora_one.spectral import TopSVD, exact_svd, lora_factors, randomized_svd, subspace_sine
+from lora_one.linalg.spectral import TopSVD, exact_svd, lora_factors, randomized_svd, subspace_sine
 
 
 def decaying_matrix(m=96, n=64, decay=0.7, seed=0):

@@ -9,8 +9,8 @@ import torch
 from numerics import U64, sum_tol
 
 from lora_one.cli import build_parser, main
-from lora_one.toys import EXPERIMENTS, run_all
-from lora_one.toys.spectral_inits import paper_lora_ga
+from lora_one.recipes.toys import EXPERIMENTS, run_all
+from lora_one.recipes.toys.spectral_inits import paper_lora_ga
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,7 +76,7 @@ def test_summary_lists_every_claim_and_figure(toy_root):
 
 
 def test_results_are_deterministic(toy_root, tmp_path):
-    from lora_one.toys import run_experiment
+    from lora_one.recipes.toys import run_experiment
 
     again = run_experiment("one-step", tmp_path, seed=0, quick=True).to_json()
     first = json.loads((toy_root / "one-step" / "results.json").read_text())
@@ -98,7 +98,7 @@ def test_toy_command_runs_one_experiment(tmp_path, capsys):
 
 
 def test_phase_distance_is_exact_on_the_curve():
-    from lora_one.toys.phase import distance_to_minimisers
+    from lora_one.recipes.toys.phase import distance_to_minimisers
 
     c = torch.tensor([0.5, 1.5, -0.7, 3.0], dtype=torch.float64)
     on_curve = torch.stack([2 / c, 1 / c, c], dim=1)

@@ -9,10 +9,10 @@ from tiny_models import one_thread, question_records, sentiment_records, tiny_be
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import AutoConfig, AutoTokenizer
 
-from lora_one.data import prepare
-from lora_one.finetune import run_finetune
-from lora_one.models import CAUSAL_LM, CLASSIFICATION
-from lora_one.settings import FinetuneSettings
+from lora_one.recipes.data import prepare
+from lora_one.recipes.finetune import run_finetune
+from lora_one.recipes.models import CAUSAL_LM, CLASSIFICATION
+from lora_one.recipes.settings import FinetuneSettings
 
 
 def first_step(settings: FinetuneSettings) -> tuple[list[torch.Tensor], float]:

@@ -13,12 +13,12 @@ from tiny_models import TYPES, one_thread, question_records, tiny_bert, tiny_lla
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_one.cli.args import add_settings, settings_from
-from lora_one.data import prompt_ids, response_ids
-from lora_one.errors import UsageError
-from lora_one.evaluate import infer_choices, match_choices, score_candidates
-from lora_one.optim import create_optimizer
-from lora_one.probe import fit_logistic, probe_head
-from lora_one.settings import required, setting
+from lora_one.core.errors import UsageError
+from lora_one.core.optim import create_optimizer
+from lora_one.recipes.data import prompt_ids, response_ids
+from lora_one.recipes.evaluate import infer_choices, match_choices, score_candidates
+from lora_one.recipes.probe import fit_logistic, probe_head
+from lora_one.recipes.settings import required, setting
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,7 @@ def tiny_llama_and_questions(tmp_path_factory) -> dict:
 
 
 def slow_conversion(root: Path):
-    """A stand-in for `lora_one.models._convert_gguf` that logs its call (a line to root/conversions.log) and
+    """A stand-in for `lora_one.recipes.models._convert_gguf` that logs its call (a line to root/conversions.log) and
     is slow, so that two processes are inside it at once unless something keeps the second one out; it
     publishes its folder by a rename, as a real save does. Set it in a forked child only."""
 

@@ -1,6 +1,6 @@
 """`lora-one` command line: one module per subcommand, each a thin layer over a recipe.
 
-Every user error is a `lora_one.errors.UsageError`: `main` prints it as one line and exits 2
+Every user error is a `lora_one.core.errors.UsageError`: `main` prints it as one line and exits 2
 (`LORA_ONE_DEBUG=1` shows the traceback). Anything else is a bug and keeps its traceback.
 """
 
@@ -10,8 +10,14 @@ import argparse
 import os
 import sys
 
-from lora_one.cli import compare, demo, eval, finetune, init, merge, toy
-from lora_one.errors import UsageError
+try:
+    from lora_one.cli import compare, demo, eval, finetune, init, merge, toy
+except ModuleNotFoundError as e:  # the library alone was installed: its core needs none of the recipes' packages
+    if e.name not in ("accelerate", "datasets", "gguf", "matplotlib", "yaml"):
+        raise
+    sys.exit(f"lora-one: error: the command line needs the package {e.name!r}; install it with "
+             "pip install 'lora-one[cli]'.")
+from lora_one.core.errors import UsageError
 
 SUBCOMMANDS = (init, finetune, eval, merge, compare, demo, toy)
 

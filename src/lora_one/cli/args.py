@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 
 class _Unset:

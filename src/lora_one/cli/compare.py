@@ -13,10 +13,10 @@ from contextlib import contextmanager
 import yaml
 
 from lora_one.cli.args import add_settings, convert, settings_from
-from lora_one.compare import CHOSEN, DEFAULT_METHODS, METHODS, CompareSettings, run_compare
-from lora_one.errors import UsageError
-from lora_one.finetune import TrainingInterrupted
-from lora_one.settings import FinetuneSettings
+from lora_one.core.errors import UsageError
+from lora_one.recipes.compare import CHOSEN, DEFAULT_METHODS, METHODS, CompareSettings, run_compare
+from lora_one.recipes.finetune import TrainingInterrupted
+from lora_one.recipes.settings import FinetuneSettings
 
 
 def add_parser(sub) -> None:

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from lora_one.cli.compare import interruptible
-from lora_one.demo import DEMOS, run_demo
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
+from lora_one.recipes.demo import DEMOS, run_demo
 
 
 def add_parser(sub) -> None:

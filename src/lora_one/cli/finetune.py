@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from lora_one.cli.args import add_settings, settings_from
-from lora_one.finetune import TrainingInterrupted, run_finetune
-from lora_one.settings import FinetuneSettings
+from lora_one.recipes.finetune import TrainingInterrupted, run_finetune
+from lora_one.recipes.settings import FinetuneSettings
 
 
 def add_parser(sub) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from lora_one.cli.args import add_settings, settings_from
-from lora_one.runs import run_init
-from lora_one.settings import InitSettings
+from lora_one.recipes.runs import run_init
+from lora_one.recipes.settings import InitSettings
 
 
 def add_parser(sub) -> None:

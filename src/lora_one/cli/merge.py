@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lora_one.merge import merge_adapter
-from lora_one.models import TASKS
-from lora_one.runs import check_out_dir
+from lora_one.recipes.merge import merge_adapter
+from lora_one.recipes.models import TASKS
+from lora_one.recipes.runs import check_out_dir
 
 
 def add_parser(sub) -> None:

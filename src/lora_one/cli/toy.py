@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lora_one.toys import DEFAULT_ROOT, EXPERIMENTS, run_all, run_experiment
+from lora_one.recipes.toys import DEFAULT_ROOT, EXPERIMENTS, run_all, run_experiment
 
 
 def add_parser(sub) -> None:

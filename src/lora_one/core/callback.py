@@ -32,12 +32,12 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lora_one.errors import UsageError
-from lora_one.files import write_text_atomic
-from lora_one.gradcache import GradientCache
-from lora_one.gradients import init_and_held_out_samples
-from lora_one.gradients import init_samples as take_init_samples
-from lora_one.init import (
+from lora_one.core.errors import UsageError
+from lora_one.core.files import write_text_atomic
+from lora_one.core.gradcache import GradientCache
+from lora_one.core.gradients import init_and_held_out_samples
+from lora_one.core.gradients import init_samples as take_init_samples
+from lora_one.core.init import (
     NEEDS_GRADIENT,
     check_variant,
     gamma_grid,
@@ -46,10 +46,10 @@ from lora_one.init import (
     step0_gradients,
     warn_without_rslora,
 )
-from lora_one.parallel import is_main_process
-from lora_one.save import SIDECAR, sidecar_text
-from lora_one.spectral import BASE_CHANGING_VARIANTS
-from lora_one.targets import lora_layers
+from lora_one.core.parallel import is_main_process
+from lora_one.core.save import SIDECAR, sidecar_text
+from lora_one.core.targets import lora_layers
+from lora_one.linalg.spectral import BASE_CHANGING_VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class LoraOneCallback(TrainerCallback, ExportableState):
     `variant` (`lora-one`, `spectral` or `lora`), `gamma` (a number, `"auto"` or a list: the line search
     of `search_gamma` on the `init_samples` examples the dataloader yields after the init samples),
     `grad_mode` (`accumulate`, `single-batch`, `sketch`),
-    `sketch_passes`, `seed`, `svd`, `cache_dir` (the gradient cache, `lora_one.gradcache`; not with
+    `sketch_passes`, `seed`, `svd`, `cache_dir` (the gradient cache, `lora_one.core.gradcache`; not with
     `bind`); `estimate_gradients` and `init_lora_one` check them when training starts. The
     base-changing variants are refused here: a Trainer saves only the adapter, not the rewritten base
     weights they need. Guide: docs/trainer.md.

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 KEEP_EXISTING = ("README.md",)  # written only where absent: the name is too common to claim
 

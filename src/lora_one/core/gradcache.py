@@ -19,7 +19,7 @@ of a JSON of everything that fixes the result (`key_fields`):
 
 A custom `train_step` cannot be told apart from another, so it is refused with a cache.
 
-An entry is two files, each written atomically (`lora_one.files.replacing`), the manifest removed first
+An entry is two files, each written atomically (`lora_one.core.files.replacing`), the manifest removed first
 and written last: `KEY.safetensors` (`accumulate`: `G` per layer; `single-batch` and `sketch`: the top-r
 SVD, `LAYER/U`, `/S`, `/Vh`) and `KEY.json` (the key's fields, what the entry holds and the SHA-256 of
 the tensor file). A read checks
@@ -50,11 +50,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_one.errors import UsageError
-from lora_one.files import replacing, write_text_atomic
-from lora_one.parallel import all_reduce_sum, distributed, is_main_process, world_size
-from lora_one.spectral import TopSVD
-from lora_one.targets import base_model_of, lora_layers
+from lora_one.core.errors import UsageError
+from lora_one.core.files import replacing, write_text_atomic
+from lora_one.core.parallel import all_reduce_sum, distributed, is_main_process, world_size
+from lora_one.core.targets import base_model_of, lora_layers
+from lora_one.linalg.spectral import TopSVD
 
 FORMAT = "lora-one gradient cache"
 FORMAT_VERSION = 2  # 2: the SVD's rank per layer

@@ -24,7 +24,7 @@ every sketch pass sees the same samples. Three memory modes:
   once. Returns a `TopSVD` per layer.
 - `sketch`: never forms a weight gradient. For `y = x W^T`, `G = sum_t g_t^T x_t`; forward hooks keep
   the layer inputs `x`, tensor hooks on the outputs receive `g = dL/dy`, and both feed the linear
-  sketches `G @ Omega`, `Psi @ G` (`lora_one.sketch`). The base weights need no `requires_grad`, so a
+  sketches `G @ Omega`, `Psi @ G` (`lora_one.linalg.sketch`). The base weights need no `requires_grad`, so a
   frozen or quantised base works and the backward costs what a LoRA training step's backward costs.
   `passes > 1` runs the samples again, each pass sketching with test matrices built from the previous
   pass's all-reduced sketches (subspace iteration): more accurate for slowly decaying spectra, at one
@@ -51,13 +51,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedConfig
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
-from lora_one.errors import UsageError
-from lora_one.gradcache import GradientCache, key_fields
-from lora_one.parallel import all_reduce_sum, is_main_process, raise_together, world_size
-from lora_one.parallel import process_index as process_rank
-from lora_one.sketch import GradientSketch, default_sizes, test_matrix
-from lora_one.spectral import TopSVD, randomized_svd
-from lora_one.targets import base_model_of, find_target_linears
+from lora_one.core.errors import UsageError
+from lora_one.core.gradcache import GradientCache, key_fields
+from lora_one.core.parallel import all_reduce_sum, is_main_process, raise_together, world_size
+from lora_one.core.parallel import process_index as process_rank
+from lora_one.core.targets import base_model_of, find_target_linears
+from lora_one.linalg.sketch import GradientSketch, default_sizes, test_matrix
+from lora_one.linalg.spectral import TopSVD, randomized_svd
 
 MODES = ("accumulate", "single-batch", "sketch")
 # Sketch passes when none are asked for. On SmolLM2 (N = 64, r = 8) one pass left a top-8 subspace
@@ -534,7 +534,7 @@ def estimate_gradients(
             `labels`, which is then allowed) and weighted like the model's.
         cache_dir: a folder (or a `GradientCache`, whose `last` then says whether this call hit): the
             result is read from there when an entry with the same key exists (the backward skipped), else
-            computed and stored (`lora_one.gradcache`: key, checks, ranks). Under `torch.distributed`
+            computed and stored (`lora_one.core.gradcache`: key, checks, ranks). Under `torch.distributed`
             every rank passes the same folder. Not with `train_step`.
 
     Returns:

@@ -28,9 +28,9 @@ from peft.utils import NoMatchingPeftModuleError
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
-from lora_one.errors import UsageError
-from lora_one.gradcache import GradientCache, hash_batches
-from lora_one.gradients import (
+from lora_one.core.errors import UsageError
+from lora_one.core.gradcache import GradientCache, hash_batches
+from lora_one.core.gradients import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SKETCH_PASSES,
     TrainStep,
@@ -40,9 +40,10 @@ from lora_one.gradients import (
     init_samples,
     loss_sum,
 )
-from lora_one.parallel import all_reduce_sum, raise_together, world_size
-from lora_one.save import guard_original_base
-from lora_one.spectral import (
+from lora_one.core.parallel import all_reduce_sum, raise_together, world_size
+from lora_one.core.save import guard_original_base
+from lora_one.core.targets import lora_layers
+from lora_one.linalg.spectral import (
     BASE_CHANGING_VARIANTS,
     GRADIENT_VARIANTS,
     VARIANTS,
@@ -51,7 +52,6 @@ from lora_one.spectral import (
     lora_factors_and_spectrum,
     top_svd,
 )
-from lora_one.targets import lora_layers
 
 NEEDS_GRADIENT = GRADIENT_VARIANTS + ("lora-ga",)
 NORMALISATION = {
@@ -447,7 +447,7 @@ def get_lora_one_model(
     `search_batches`, by default the `num_samples` examples that follow the init samples in `batches`
     (read in the same pass; `search_batches=batches` searches on the init samples themselves).
     `cache_dir`: a folder where the gradient is stored, and read back by a later call with the same
-    model, samples and gradient settings, skipping the backward (`lora_one.gradcache`).
+    model, samples and gradient settings, skipping the backward (`lora_one.core.gradcache`).
     The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
     The LoRA-One variants expect `use_rslora=True` (the spec's default) and warn without it. On an error
     the model is handed back without LoRA layers.

@@ -6,7 +6,7 @@ import torch
 from peft.optimizers import create_riemannian_optimizer
 from torch import nn
 
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 # The authors' damping is 1e-6, PEFT's 1e-2; ours was chosen by the quality benchmark's levers (docs/benchmark.md).
 DEFAULT_REG = 1e-4
@@ -30,7 +30,7 @@ def create_optimizer(
     The preconditioner is PEFT's `create_riemannian_optimizer`, which pairs `lora_A`/`lora_B` by name,
     computes the `r x r` inverses in fp32 from the factors before the step and never falls back to
     plain AdamW. It inverts with `pinv`, which equals the spec's solve whenever `B^T B + reg I` is
-    well conditioned (tested against `lora_one.preconditioner.precondition`).
+    well conditioned (tested against `lora_one.linalg.preconditioner.precondition`).
 
     `lora_plus_ratio` (LoRA+): the `lora_B` factors learn at `ratio * lr`.
     """

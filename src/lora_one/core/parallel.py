@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 

@@ -20,9 +20,9 @@ from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from lora_one.errors import UsageError
-from lora_one.files import ADAPTER, staged_folder
-from lora_one.parallel import is_main_process
+from lora_one.core.errors import UsageError
+from lora_one.core.files import ADAPTER, staged_folder
+from lora_one.core.parallel import is_main_process
 
 SIDECAR = "lora_one.json"
 STEP0_ADAPTER = "lora_one_step0"  # the name PEFT's conversion loads the step-0 factors under
@@ -62,7 +62,7 @@ def save_adapter(
     For variants that rewrote the base weight (`lora-one-v1`, `lora-ga`, `pissa`) this is PEFT's
     converted rank-2r adapter (`path_initial_model_for_weight_conversion`), so the saved folder always
     loads with `PeftModel.from_pretrained(original_base, out_dir)`. Only rank 0 of a distributed job
-    writes. The files are written to a temporary sibling and published by `lora_one.files`' rules: an
+    writes. The files are written to a temporary sibling and published by `lora_one.core.files`' rules: an
     existing `out_dir` keeps every file that is not ours, and `adapter_config.json` comes last, so an
     interrupted save never leaves a folder that looks complete.
     `base_model_name` (e.g. a Hub id) replaces the base model's local path in `adapter_config.json` and

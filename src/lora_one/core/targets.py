@@ -8,7 +8,7 @@ from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_tar
 from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 
 def base_model_of(model: nn.Module) -> nn.Module:

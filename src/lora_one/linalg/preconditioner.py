@@ -7,7 +7,7 @@ are BEFORE the step:
     grad_B <- grad_B (A A^T + reg I)^-1
 
 Both are `r x r` solves in fp32. The training optimizer comes from PEFT
-(`peft.optimizers.create_riemannian_optimizer`, see `lora_one.optim`); this function is the dense
+(`peft.optimizers.create_riemannian_optimizer`, see `lora_one.core.optim`); this function is the dense
 reference it is tested against and the one the toy experiments use.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 
 def precondition(

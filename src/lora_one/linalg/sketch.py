@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_one.spectral import TopSVD, check_rank
+from lora_one.linalg.spectral import TopSVD, check_rank
 
 # Device types without float64 (Apple's MPS): the sketch's float64 linear algebra runs on the CPU there.
 NO_FLOAT64 = ("mps",)

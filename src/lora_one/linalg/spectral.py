@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 # Variants whose factors come from the one-step gradient by a formula of ours.
 GRADIENT_VARIANTS = ("lora-one", "spectral", "lora-one-v1")

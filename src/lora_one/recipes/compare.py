@@ -30,16 +30,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_one.data import PROMPT_RESPONSE, load_records, read_records, resolve_format
-from lora_one.errors import UsageError
-from lora_one.evaluate import choices_of
-from lora_one.files import ADAPTER, check_out_folder, check_writable, write_text_atomic
-from lora_one.finetune import ARGS, METRICS, RESUME_FREE, run_finetune
-from lora_one.models import CLASSIFICATION, infer_task, resolve_model_path
-from lora_one.plots import plot_comparison
-from lora_one.save import SIDECAR
-from lora_one.settings import DataSettings, FinetuneSettings, as_dict, inert, required, setting
-from lora_one.spectral import VARIANTS
+from lora_one.core.errors import UsageError
+from lora_one.core.files import ADAPTER, check_out_folder, check_writable, write_text_atomic
+from lora_one.core.save import SIDECAR
+from lora_one.linalg.spectral import VARIANTS
+from lora_one.recipes.data import PROMPT_RESPONSE, load_records, read_records, resolve_format
+from lora_one.recipes.evaluate import choices_of
+from lora_one.recipes.finetune import ARGS, METRICS, RESUME_FREE, run_finetune
+from lora_one.recipes.models import CLASSIFICATION, infer_task, resolve_model_path
+from lora_one.recipes.plots import plot_comparison
+from lora_one.recipes.settings import DataSettings, FinetuneSettings, as_dict, inert, required, setting
 
 METHODS = {  # name -> the finetune settings that make the method
     **{variant: {"variant": variant} for variant in VARIANTS},

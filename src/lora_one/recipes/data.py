@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from jinja2 import TemplateError
 
-from lora_one import embedded_data
-from lora_one.errors import UsageError
-from lora_one.models import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ
+from lora_one.core.errors import UsageError
+from lora_one.recipes import embedded_data
+from lora_one.recipes.models import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ
 
 IGNORE_INDEX = -100
 # What to do with a record longer than --max-length tokens.

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_one.compare import CompareSettings, run_compare
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
+from lora_one.recipes.compare import CompareSettings, run_compare
 
 
 @dataclass

@@ -23,7 +23,7 @@ import random
 import unicodedata
 from pathlib import Path
 
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 TREC_TYPES = {
     "ABBR": "abbreviation",

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
-from lora_one.data import (
+from lora_one.core.errors import UsageError
+from lora_one.recipes.data import (
     DEFAULT_FIELDS,
     IGNORE_INDEX,
     PROMPT_RESPONSE,
@@ -40,8 +41,7 @@ from lora_one.data import (
     response_ids,
     target_ids,
 )
-from lora_one.errors import UsageError
-from lora_one.models import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ
+from lora_one.recipes.models import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ
 
 MAX_CHOICES = 32
 

@@ -45,21 +45,27 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lora_one import embedded_data
-from lora_one.data import collate, init_batches, init_sample_indices, read_records, search_batches
-from lora_one.errors import UsageError
-from lora_one.evaluate import choices_of, make_evaluator
-from lora_one.files import ADAPTER, check_out_folder, check_writable, remove_ours, replacing, write_text_atomic
-from lora_one.hub import check_hub_access, push_adapter
-from lora_one.init import get_lora_one_model, lora_one_state, restore_lora_one
-from lora_one.models import CLASSIFICATION, SEQ2SEQ, infer_task, resolve_model_path
-from lora_one.optim import create_optimizer
-from lora_one.parallel import all_reduce_sum, is_main_process, process_index
-from lora_one.plots import plot_loss
-from lora_one.probe import probe_head
-from lora_one.runs import base_model_name_of, complete_model_settings, gamma_line, load_task_data, lora_config_of
-from lora_one.save import SIDECAR, save_adapter
-from lora_one.settings import FinetuneSettings, as_dict, inert
+from lora_one.core.errors import UsageError
+from lora_one.core.files import ADAPTER, check_out_folder, check_writable, remove_ours, replacing, write_text_atomic
+from lora_one.core.init import get_lora_one_model, lora_one_state, restore_lora_one
+from lora_one.core.optim import create_optimizer
+from lora_one.core.parallel import all_reduce_sum, is_main_process, process_index
+from lora_one.core.save import SIDECAR, save_adapter
+from lora_one.recipes import embedded_data
+from lora_one.recipes.data import collate, init_batches, init_sample_indices, read_records, search_batches
+from lora_one.recipes.evaluate import choices_of, make_evaluator
+from lora_one.recipes.hub import check_hub_access, push_adapter
+from lora_one.recipes.models import CLASSIFICATION, SEQ2SEQ, infer_task, resolve_model_path
+from lora_one.recipes.plots import plot_loss
+from lora_one.recipes.probe import probe_head
+from lora_one.recipes.runs import (
+    base_model_name_of,
+    complete_model_settings,
+    gamma_line,
+    load_task_data,
+    lora_config_of,
+)
+from lora_one.recipes.settings import FinetuneSettings, as_dict, inert
 
 ARGS = "args.json"
 METRICS = "metrics.jsonl"

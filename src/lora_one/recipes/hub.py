@@ -9,9 +9,9 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 
-from lora_one.errors import UsageError
-from lora_one.files import ADAPTER
-from lora_one.save import SIDECAR
+from lora_one.core.errors import UsageError
+from lora_one.core.files import ADAPTER
+from lora_one.core.save import SIDECAR
 
 # What is uploaded from a run folder: the adapter and its sidecar, nothing of the run's own files.
 UPLOADED = (ADAPTER.marker, *ADAPTER.stale, SIDECAR, "README.md")

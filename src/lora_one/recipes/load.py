@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from lora_one.errors import UsageError
-from lora_one.models import CLASSIFICATION, PEFT_TASK_TYPES, infer_task, load_model, resolve_model_path
-from lora_one.parallel import resolve_device
-from lora_one.save import SIDECAR
+from lora_one.core.errors import UsageError
+from lora_one.core.parallel import resolve_device
+from lora_one.core.save import SIDECAR
+from lora_one.recipes.models import CLASSIFICATION, PEFT_TASK_TYPES, infer_task, load_model, resolve_model_path
 
 
 def read_adapter_info(adapter_dir: str | Path) -> dict:

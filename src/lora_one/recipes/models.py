@@ -30,8 +30,8 @@ from transformers import (
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from lora_one.errors import UsageError
-from lora_one.files import MODEL, staged_folder
+from lora_one.core.errors import UsageError
+from lora_one.core.files import MODEL, staged_folder
 
 CAUSAL_LM, CLASSIFICATION, SEQ2SEQ = "causal-lm", "classification", "seq2seq"
 TASKS = (CAUSAL_LM, CLASSIFICATION, SEQ2SEQ)

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, Locator, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
-from lora_one.files import replacing  # noqa: E402
+from lora_one.core.files import replacing  # noqa: E402
 
 
 def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:

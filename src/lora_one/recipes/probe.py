@@ -13,8 +13,8 @@ import random
 import torch
 from torch import nn
 
-from lora_one.data import collate
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
+from lora_one.recipes.data import collate
 
 HEAD_NAMES = ("classifier", "score")
 

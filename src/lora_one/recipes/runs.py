@@ -11,13 +11,16 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from lora_one.data import init_batches, label_mapping, prepare, read_records, search_batches
-from lora_one.errors import UsageError
-from lora_one.evaluate import choices_of, make_evaluator
-from lora_one.files import check_out_folder, check_writable, write_text_atomic
-from lora_one.init import get_lora_one_model
-from lora_one.load import load_for_eval
-from lora_one.models import (
+from lora_one.core.errors import UsageError
+from lora_one.core.files import check_out_folder, check_writable, write_text_atomic
+from lora_one.core.init import get_lora_one_model
+from lora_one.core.parallel import is_main_process, resolve_device
+from lora_one.core.save import save_adapter
+from lora_one.linalg.spectral import BASE_CHANGING_VARIANTS
+from lora_one.recipes.data import init_batches, label_mapping, prepare, read_records, search_batches
+from lora_one.recipes.evaluate import choices_of, make_evaluator
+from lora_one.recipes.load import load_for_eval
+from lora_one.recipes.models import (
     CLASSIFICATION,
     DTYPES,
     HUB_IDS,
@@ -27,10 +30,7 @@ from lora_one.models import (
     max_positions,
     resolve_model_path,
 )
-from lora_one.parallel import is_main_process, resolve_device
-from lora_one.save import save_adapter
-from lora_one.settings import DataSettings, EvalSettings, InitSettings
-from lora_one.spectral import BASE_CHANGING_VARIANTS
+from lora_one.recipes.settings import DataSettings, EvalSettings, InitSettings
 
 # --max-length when not given, unless the model has fewer positions.
 DEFAULT_MAX_LENGTH = 256

@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from lora_one.data import FORMATS, TOO_LONG, Fields
-from lora_one.errors import UsageError
-from lora_one.gradients import MODES
-from lora_one.init import gamma_grid, parse_gamma
-from lora_one.models import DTYPES, QUANTIZATIONS, TASKS
-from lora_one.optim import DEFAULT_REG
-from lora_one.parallel import resolve_device
-from lora_one.spectral import VARIANTS
+from lora_one.core.errors import UsageError
+from lora_one.core.gradients import MODES
+from lora_one.core.init import gamma_grid, parse_gamma
+from lora_one.core.optim import DEFAULT_REG
+from lora_one.core.parallel import resolve_device
+from lora_one.linalg.spectral import VARIANTS
+from lora_one.recipes.data import FORMATS, TOO_LONG, Fields
+from lora_one.recipes.models import DTYPES, QUANTIZATIONS, TASKS
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard", "wandb")

@@ -10,7 +10,7 @@ import importlib
 import time
 from pathlib import Path
 
-from lora_one.errors import UsageError
+from lora_one.core.errors import UsageError
 
 # name on the command line -> module in this package (each has TITLE and run(out, seed, quick) -> Report)
 EXPERIMENTS = {
@@ -30,7 +30,7 @@ def run_experiment(name: str, out: Path | None = None, seed: int = 0, quick: boo
         raise UsageError(f"Unknown toy experiment {name!r}; choose one of {', '.join(EXPERIMENTS)} or all.")
     import torch
 
-    module = importlib.import_module(f"lora_one.toys.{EXPERIMENTS[name]}")
+    module = importlib.import_module(f"lora_one.recipes.toys.{EXPERIMENTS[name]}")
     out = Path(out) if out is not None else DEFAULT_ROOT / name
     threads = torch.get_num_threads()
     # The toys multiply matrices of size ~100: one thread is fastest, and on a shared CPU extra
@@ -48,7 +48,7 @@ def run_experiment(name: str, out: Path | None = None, seed: int = 0, quick: boo
 
 def run_all(out: Path | None = None, seed: int = 0, quick: bool = False):
     """Every experiment into `out/<name>/`, then `out/summary.md`; returns the Reports."""
-    from lora_one.toys.summary import write_summary
+    from lora_one.recipes.toys.summary import write_summary
 
     root = Path(out) if out is not None else DEFAULT_ROOT
     reports = [run_experiment(name, root / name, seed, quick) for name in EXPERIMENTS]

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lora_one.spectral import exact_svd, subspace_sine
-from lora_one.toys.common import (
+from lora_one.linalg.spectral import exact_svd, subspace_sine
+from lora_one.recipes.toys.common import (
     Adapter,
     first_step_below,
     gaussian,
@@ -41,7 +41,7 @@ from lora_one.toys.common import (
     random_adapter,
     train,
 )
-from lora_one.toys.report import Report, figure, label, positive, save
+from lora_one.recipes.toys.report import Report, figure, label, positive, save
 
 TITLE = "Random init: alignment with the one-step gradient under GD"
 FULL = dict(d=100, k=100, n_per_d=16, r=8, r_star=4, steps=1500, lr=1 / 64)

@@ -8,7 +8,7 @@ as `y = x (W0 + A B)` with a row vector `x` and `W0` of shape `(d, k)`, i.e. our
 the paper's "row space of B_t" is the column space of our `lora_B`, and "the left singular subspace
 of G" (input side in the paper's layout) is the right singular subspace of our `G`.
 
-`G` is always `dL/dW` of the training loss (the sign `lora_one.spectral.lora_factors` takes), so for
+`G` is always `dL/dW` of the training loss (the sign `lora_one.linalg.spectral.lora_factors` takes), so for
 the linear toy `-G = Delta @ (X^T X / N)`, the paper's `(1/N) X^T (Y - X W0)` transposed.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lora_one.preconditioner import precondition
-from lora_one.spectral import lora_factors
+from lora_one.linalg.preconditioner import precondition
+from lora_one.linalg.spectral import lora_factors
 
 DTYPE = torch.float64  # the toys are tiny; float64 keeps round-off far below every effect we measure
 
@@ -154,7 +154,7 @@ def random_adapter(
 
 
 def spectral_adapter(teacher: Teacher, r: int, variant: str, gamma: float) -> Adapter:
-    """`lora_one.spectral.lora_factors` on the teacher's one-step gradient (exact SVD, base unchanged)."""
+    """`lora_one.linalg.spectral.lora_factors` on the teacher's one-step gradient (exact SVD, base unchanged)."""
     B, A = lora_factors(teacher.one_step_gradient(), r, variant, gamma, svd="exact")
     return Adapter(B=B.to(DTYPE), A=A.to(DTYPE), base=teacher.W0.clone())
 
@@ -186,7 +186,7 @@ def train(
     stop_below: float | None = None,
 ) -> Trace:
     """Full-batch GD on `(lora_A, lora_B)`; with `reg` set, preconditioned GD via
-    `lora_one.preconditioner.precondition` (grads times `(B^T B + reg I)^-1` / `(A A^T + reg I)^-1`).
+    `lora_one.linalg.preconditioner.precondition` (grads times `(B^T B + reg I)^-1` / `(A A^T + reg I)^-1`).
 
     Trains `adapter` in place. `observe(t, adapter, trace)` runs after the risk of step `t` is logged.
     Stops early once the risk is `<= stop_below`, or (setting `trace.diverged`) once it is not finite.

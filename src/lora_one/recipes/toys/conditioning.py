@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lora_one.toys.common import first_step_below, generator, geometric, make_teacher, spectral_adapter, train
-from lora_one.toys.report import Report, optimiser_panels, save
+from lora_one.recipes.toys.common import first_step_below, generator, geometric, make_teacher, spectral_adapter, train
+from lora_one.recipes.toys.report import Report, optimiser_panels, save
 
 TITLE = "Conditioning: GD vs preconditioned GD from the spectral init"
 FULL = dict(d=100, k=100, n_per_d=16, r=8, r_star=4, steps_gd=1000, steps_prec=100, lr_gd=0.5,

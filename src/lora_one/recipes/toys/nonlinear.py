@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lora_one.toys.common import (
+from lora_one.recipes.toys.common import (
     first_step_below,
     fit_line,
     generator,
@@ -23,7 +23,7 @@ from lora_one.toys.common import (
     spectral_adapter,
     train,
 )
-from lora_one.toys.report import Report, figure, label, positive, save
+from lora_one.recipes.toys.report import Report, figure, label, positive, save
 
 TITLE = "ReLU teacher: preconditioned GD from the spectral init converges linearly"
 FULL = dict(d=100, k=100, n_per_d=16, r=4, steps=150, lr=0.5, reg=1e-3, random_alpha2=1e-2)

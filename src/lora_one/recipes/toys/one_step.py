@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lora_one.toys.common import fit_line, generator, make_teacher, normalised, spectral_adapter
-from lora_one.toys.report import Report, figure, label, save
+from lora_one.recipes.toys.common import fit_line, generator, make_teacher, normalised, spectral_adapter
+from lora_one.recipes.toys.report import Report, figure, label, save
 
 TITLE = "Spectral init alone: one-step error against the number of samples"
 FULL = dict(d=100, k=100, r=8, trials=5)

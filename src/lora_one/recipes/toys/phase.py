@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lora_one.toys.common import (
+from lora_one.recipes.toys.common import (
     DTYPE,
     Teacher,
     first_step_below,
@@ -23,7 +23,7 @@ from lora_one.toys.common import (
     spectral_adapter,
     train,
 )
-from lora_one.toys.report import Report, label, plt, positive, save
+from lora_one.recipes.toys.report import Report, label, plt, positive, save
 
 TITLE = "Two-parameter model b (x^T a): GD paths to the curve of global minimisers"
 FULL = dict(n=4, steps=50_000, lr=0.05, random_alpha2=1e-2, seeds=3)

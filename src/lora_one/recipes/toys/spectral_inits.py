@@ -1,7 +1,7 @@
 """Experiment 3: which inits reach the global minimiser of the linear toy, with GD and preconditioned GD.
 
 The LoRA-One inits and the random init go through the project's front door
-`lora_one.init.init_lora_one` on a one-layer PEFT model (PEFT's default init for `random`), so the
+`lora_one.core.init.init_lora_one` on a one-layer PEFT model (PEFT's default init for `random`), so the
 factors and any base-weight change are exactly what a real run would get. LoRA-GA is the baseline as
 its paper defines it (`paper_lora_ga`, ALGORITHM.md's `lora-ga` row), which is what the paper's claim
 is about; PEFT 0.21's `lora_ga_init` (the library's `lora-ga` variant) differs, see `paper_lora_ga`.
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lora_one.toys.common import (
+from lora_one.recipes.toys.common import (
     DTYPE,
     Adapter,
     Teacher,
@@ -28,7 +28,7 @@ from lora_one.toys.common import (
     normalised,
     train,
 )
-from lora_one.toys.report import Report, optimiser_panels, save
+from lora_one.recipes.toys.report import Report, optimiser_panels, save
 
 TITLE = "Spectral study: inits x (GD, preconditioned GD) on the linear toy"
 FULL = dict(d=100, k=100, n_per_d=16, r=8, steps=100, lr_gd=0.5, lr_prec=0.5, reg=1e-3)
@@ -64,7 +64,7 @@ def front_door_adapter(teacher: Teacher, r: int, variant: str, gamma: float, see
     """Initialise a one-layer PEFT model holding `W0` with `init_lora_one`; read factors and base back."""
     from peft import LoraConfig, get_peft_model
 
-    from lora_one.init import init_lora_one
+    from lora_one.core.init import init_lora_one
 
     config = LoraConfig(r=r, lora_alpha=r, target_modules=["proj"], init_lora_weights=True)
     with torch.random.fork_rng(devices=[]):

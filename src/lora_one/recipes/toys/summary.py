@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_one.toys.report import Report
+from lora_one.recipes.toys.report import Report
 
 
 def _cell(text: str) -> str:

@@ -62,7 +62,8 @@ def case(task: str, seed: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from lora_one import estimate_gradients
-    from lora_one.core.init import DEFAULT_GAMMA_GRID, search_gamma
+    from lora_one.core.constants import DEFAULT_GAMMA_GRID
+    from lora_one.core.init import search_gamma
     from lora_one.linalg.spectral import top_svd
     from lora_one.recipes.data import (
         causal_lm_features,
@@ -98,7 +99,7 @@ def case(task: str, seed: int) -> dict:
     config = LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=True, target_modules="all-linear",
                         task_type="CAUSAL_LM" if head is None else "SEQ_CLS")
     t0 = time.perf_counter()
-    grads = estimate_gradients(model, batches, progress=False, rank=R, seed=seed, num_samples=None)
+    grads = estimate_gradients(model, batches, show_progress_bar=False, rank=R, seed=seed, init_samples=None)
     t1 = time.perf_counter()
     svds = {name: top_svd(g, R, "randomized", seed) for name, g in grads.items()}
     t2 = time.perf_counter()

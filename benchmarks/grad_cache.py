@@ -23,7 +23,7 @@ SEED, N = 0, 8
 def main() -> None:
     from peft import LoraConfig
 
-    from lora_one import get_lora_one_model
+    from lora_one import LoraOneConfig, get_lora_one_model
     from lora_one.core.gradcache import weights_sha256
     from lora_one.recipes.data import causal_lm_features, init_batches
     from lora_one.recipes.embedded_data import load
@@ -42,8 +42,9 @@ def main() -> None:
             for run, cache_dir in (("no cache", None), ("first run", cache), ("second run", cache)):
                 model = load_model("smollm2-135m", "causal-lm")[0]
                 t0 = time.perf_counter()
-                peft_model = get_lora_one_model(model, config, batches, grad_mode=mode, seed=SEED, progress=False,
-                                                num_samples=None, cache_dir=cache_dir)
+                peft_model = get_lora_one_model(
+                    model, config, batches, show_progress_bar=False,
+                    config=LoraOneConfig(grad_mode=mode, seed=SEED, init_samples=None, grad_cache=cache_dir))
                 seconds = time.perf_counter() - t0
                 meta = peft_model.lora_one_metadata
                 record = meta.get("gradient_cache")

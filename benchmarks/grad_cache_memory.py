@@ -27,7 +27,7 @@ SHAPE = (2048, 4096)  # one layer: 32 MiB of float32
 
 
 def fields(layers: int) -> dict:
-    return {"benchmark": "grad_cache_memory", "mode": "accumulate",
+    return {"benchmark": "grad_cache_memory", "grad_mode": "accumulate",
             "targets": {f"layer{i}": list(SHAPE) for i in range(layers)}}
 
 

@@ -167,8 +167,8 @@ def child(job: str, n: int) -> dict:
         passes = int(job.split("-")[1]) if job.startswith("sketch-") else 1
         t0, c0 = time.perf_counter(), cpu_seconds()
         with SketchPhases() as clock:
-            grads = estimate_gradients(model, batches, progress=False, mode=mode, rank=R, seed=SEED, passes=passes,
-                                       num_samples=None)
+            grads = estimate_gradients(model, batches, show_progress_bar=False, grad_mode=mode, rank=R, seed=SEED,
+                                       sketch_passes=passes, init_samples=None)
         t1, c1 = time.perf_counter(), cpu_seconds()
         if job == "accumulate":
             svds = {k: top_svd(g, R, "randomized", SEED) for k, g in grads.items()}
@@ -200,11 +200,11 @@ def svd_accuracy(n: int, layer_stride: int) -> dict:
     from lora_one.linalg.spectral import exact_svd, randomized_svd, subspace_sine
 
     model, batches = load(n)
-    grads = estimate_gradients(model, batches, progress=False, num_samples=None)
+    grads = estimate_gradients(model, batches, show_progress_bar=False, init_samples=None)
     sketches = {
         f"sketch {p} pass{'es' if p > 1 else ''}": estimate_gradients(
-            model, batches, progress=False, mode="sketch", rank=R, seed=SEED, passes=p, num_samples=None
-        )
+            model, batches, show_progress_bar=False, grad_mode="sketch", rank=R, seed=SEED, sketch_passes=p,
+            init_samples=None)
         for p in SKETCH_PASSES
     }
     names = list(grads)[::layer_stride]

@@ -304,11 +304,8 @@ def run_sweep(args) -> None:
 
 def step0_model(s: FinetuneSettings, model, task: str, batches: list[dict]):
     """The run's step-0 adapter on `batches` (exactly its init samples), as `finetune` builds it."""
-    if hasattr(s, "lora_one_config"):  # the library's settings object (LoraOneConfig)
-        return get_lora_one_model(model, lora_config_of(s, task), batches, config=s.lora_one_config(),
-                                  show_progress_bar=False)
-    return get_lora_one_model(model, lora_config_of(s, task), batches, variant=s.variant, gamma=s.gamma, svd=s.svd,
-                              seed=s.seed, progress=False, grad_mode=s.grad_mode, num_samples=None)
+    return get_lora_one_model(model, lora_config_of(s, task), batches, config=s.lora_one_config(),
+                              show_progress_bar=False)
 
 
 def run_curvature(args) -> None:

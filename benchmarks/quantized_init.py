@@ -74,8 +74,8 @@ def child(name: str, out: str) -> None:
     loaded = status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     t0 = time.perf_counter()
-    grads = estimate_gradients(model, batches, s.target_modules, progress=False, mode=mode, rank=s.rank,
-                               seed=s.seed, num_samples=None)
+    grads = estimate_gradients(model, batches, target_modules=s.target_modules, show_progress_bar=False,
+                               grad_mode=mode, rank=s.rank, seed=s.seed, init_samples=None)
     seconds = time.perf_counter() - t0
     peak = status_mb("VmHWM")
     svds = {layer: exact_top(g, s.rank) if isinstance(g, torch.Tensor) else (g.U, g.S, g.Vh.mT)

@@ -17,7 +17,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from lora_one import LoraOneCallback
+from lora_one import LoraOneCallback, LoraOneConfig
 
 # Each of 2 ranks draws its first batch of 2 from its own shard: together the examples that one process
 # with batches of 2 draws from its first two batches.
@@ -66,7 +66,7 @@ def step0_factors(base_dir: Path, out: Path, batch_size: int) -> tuple[dict, lis
                              save_strategy="no", **QUIET)
     trainer = Trainer(model=lora_model(base_dir), args=args, train_dataset=Dataset.from_list(lm_rows(tok)),
                       data_collator=probe.collate,
-                      callbacks=[LoraOneCallback(init_samples=INIT_SAMPLES, gamma=16.0), probe])
+                      callbacks=[LoraOneCallback(config=LoraOneConfig(init_samples=INIT_SAMPLES, gamma=16.0)), probe])
     trainer.train()
     trainer.save_model()
     return probe.factors, probe.drawn

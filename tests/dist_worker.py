@@ -15,10 +15,10 @@ from conftest import padded_batches, ragged_examples, tiny_llama
 from peft import LoraConfig
 from tiny_models import LORA
 
-from lora_one import estimate_gradients, get_lora_one_model, save_adapter
+from lora_one import LoraOneConfig, estimate_gradients, get_lora_one_model, save_adapter
 from lora_one.core.errors import UsageError
 
-# get_lora_one_model keywords and init micro-batch size per case; tests/test_distributed.py checks
+# LoraOneConfig settings and init micro-batch size per case; tests/test_distributed.py checks
 # each against one process holding all 4 ragged examples
 CASES = {
     "accumulate": ({}, 1),
@@ -39,8 +39,8 @@ def main(out: Path) -> None:
     shard = ragged_examples()[rank::world]  # this rank's examples: 5 and 14 tokens, or 9 and 7
     results = {}
     for mode, (kwargs, batch_size) in CASES.items():
-        model = get_lora_one_model(tiny_llama(), CONFIG, padded_batches(shard, batch_size), gamma=16,
-                                   progress=False, num_samples=4, **kwargs)
+        model = get_lora_one_model(tiny_llama(), CONFIG, padded_batches(shard, batch_size),
+                                   config=LoraOneConfig(gamma=16, init_samples=4, **kwargs), show_progress_bar=False)
         results[mode] = lora_state(model)
         save_adapter(model, out / f"adapter_{mode}")  # rank 0 only
     torch.save(results, out / f"rank{rank}.pt")
@@ -62,18 +62,18 @@ def bad_rank_1(store: str, rank: int) -> None:
         "no labels": {"batches": [{k: v for k, v in b.items() if k != "labels"} for b in good] if bad else good},
         "nan loss": {"batches": good, "train_step": nan_on_rank_1},
         "nan loss before single-batch's all-reduce": {"batches": good[:1], "train_step": nan_on_rank_1,
-                                                      "mode": "single-batch", "rank": 2, "num_samples": None},
-        "single-batch with fewer batches than ranks": {"batches": [] if bad else good[:1], "mode": "single-batch",
-                                                       "rank": 2, "num_samples": None},
-        "too few samples": {"batches": good[:1] if bad else good, "num_samples": 8},
+                                                      "grad_mode": "single-batch", "rank": 2, "init_samples": None},
+        "single-batch with fewer batches than ranks": {"batches": [] if bad else good[:1],
+                                                       "grad_mode": "single-batch", "rank": 2, "init_samples": None},
+        "too few samples": {"batches": good[:1] if bad else good, "init_samples": 8},
     }
     *caught, last = cases
     for name in caught:
         try:
-            estimate_gradients(model, **{"num_samples": 4, "progress": False, **cases[name]})
+            estimate_gradients(model, **{"init_samples": 4, "show_progress_bar": False, **cases[name]})
         except UsageError as e:
             print(f"CASE {name}: {e}", file=sys.stderr, flush=True)
-    estimate_gradients(model, **{"progress": False, **cases[last]})
+    estimate_gradients(model, **{"show_progress_bar": False, **cases[last]})
 
 
 if __name__ == "__main__":

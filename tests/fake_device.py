@@ -27,7 +27,7 @@ from torch.utils.backend_registration import _setup_privateuseone_for_python_bac
 
 import lora_one.core.parallel
 import lora_one.linalg.sketch
-from lora_one import get_lora_one_model
+from lora_one import LoraOneConfig, get_lora_one_model
 
 NAME = "fakedev"
 STATE = {"float64": False, "device": None, "library": None}  # device and kernels: once installed
@@ -135,7 +135,7 @@ class FakeNccl:
         out[0] = obj
 
 
-CASES = {  # name: (get_lora_one_model keywords, micro-batch size, float64 on the device, NCCL)
+CASES = {  # name: (LoraOneConfig settings, micro-batch size, float64 on the device, NCCL)
     **{f"mps {mode}": ({"grad_mode": mode}, 6 if mode == "single-batch" else 2, False, False)
        for mode in ("accumulate", "single-batch", "sketch")},
     **{f"nccl {mode}": ({"grad_mode": mode, "offload": mode == "accumulate"}, 6 if mode == "single-batch" else 2,
@@ -161,8 +161,8 @@ def run(case: str) -> dict[str, dict]:
         if nccl and where == NAME:
             lora_one.core.parallel.dist = fake_dist
         try:
-            model = get_lora_one_model(tiny_llama().to(where), config, batches, gamma=[8.0, 16.0, 32.0],
-                                       num_samples=INIT, progress=False, **kwargs)
+            model = get_lora_one_model(tiny_llama().to(where), config, batches, show_progress_bar=False,
+                                       config=LoraOneConfig(gamma=[8.0, 16.0, 32.0], init_samples=INIT, **kwargs))
         finally:
             lora_one.core.parallel.dist = dist
         out[where] = {"products": products({n: p.detach().cpu() for n, p in model.named_parameters()}),

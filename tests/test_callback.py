@@ -38,7 +38,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from lora_one import LoraOneCallback, create_optimizer
+from lora_one import LoraOneCallback, LoraOneConfig, create_optimizer
 from lora_one.core.errors import UsageError
 from lora_one.core.targets import lora_layers
 
@@ -139,7 +139,7 @@ def train_stock(base_dir, tok, out, callback, steps=10, lr=1e-2, model=None, **k
 
 @pytest.fixture(scope="module")
 def stock_run(base_dir, tok, tmp_path_factory):
-    callback = LoraOneCallback(init_samples=5, gamma=GAMMA)
+    callback = LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=GAMMA))
     trainer, recorder, before, after = train_stock(base_dir, tok, tmp_path_factory.mktemp("stock"), callback)
     trainer.train()
     return trainer, recorder, before, after, callback
@@ -191,7 +191,7 @@ def test_save_model_loads_with_stock_peft_and_has_the_sidecar(stock_run, base_di
 
 def test_bound_trainer_takes_the_gradient_of_its_own_loss(base_dir, tok, tmp_path):
     """With label smoothing (0.3) the Trainer's loss is not the model's: bind() makes G follow the Trainer's."""
-    callback = LoraOneCallback(init_samples=5, gamma=GAMMA)
+    callback = LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=GAMMA))
     trainer, recorder, _, after = train_stock(base_dir, tok, tmp_path, callback, steps=1,
                                               args={"label_smoothing_factor": 0.3})
     callback.bind(trainer)
@@ -213,7 +213,7 @@ def test_gamma_search_and_gradient_cache_in_a_trainer(base_dir, tok, tmp_path):
     same factors bit for bit."""
     grid, runs = [1.0, 4.0, 16.0, 64.0], []
     for run in ("first", "second"):
-        callback = LoraOneCallback(init_samples=5, gamma=grid, cache_dir=tmp_path / "cache")
+        callback = LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=grid, grad_cache=tmp_path / "cache"))
         trainer, recorder, _, after = train_stock(base_dir, tok, tmp_path / run, callback, steps=1)
         trainer.train()
         runs.append((callback.metadata, after.factors, recorder.examples("init", 10)))
@@ -242,7 +242,7 @@ def test_gamma_search_and_gradient_cache_in_a_trainer(base_dir, tok, tmp_path):
 def test_sft_trainer_with_peft_config(base_dir, tok, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
-    callback = LoraOneCallback(init_samples=5, gamma=GAMMA)
+    callback = LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=GAMMA))
     data = Dataset.from_list([{"prompt": tok.decode(r["input_ids"][: r["labels"].count(-100)]),
                                "completion": " " + tok.decode(r["input_ids"][r["labels"].count(-100):-1])}
                               for r in lm_rows(tok)])
@@ -265,7 +265,7 @@ def test_sft_trainer_with_peft_config(base_dir, tok, tmp_path):
 
 
 def test_resume_keeps_the_checkpoint_factors_and_ends_as_an_uninterrupted_run(base_dir, tok, tmp_path):
-    first = LoraOneCallback(init_samples=5, gamma=GAMMA)
+    first = LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=GAMMA))
     whole, _, _, _ = train_stock(base_dir, tok, tmp_path / "whole", first, steps=6, save_strategy="steps",
                                  args={"save_steps": 3})
     whole.train()
@@ -273,7 +273,7 @@ def test_resume_keeps_the_checkpoint_factors_and_ends_as_an_uninterrupted_run(ba
         meta = json.loads((tmp_path / "whole" / f"checkpoint-{step}" / "lora_one.json").read_text())
         assert {k: v for k, v in meta.items() if not k.endswith("_version")} == first.metadata
     checkpoint = tmp_path / "whole" / "checkpoint-3"
-    again = LoraOneCallback(init_samples=5, gamma=GAMMA)
+    again = LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=GAMMA))
     resumed, recorder, _, after = train_stock(base_dir, tok, tmp_path / "resumed", again, steps=6,
                                               save_strategy="steps", args={"save_steps": 3})
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -308,8 +308,8 @@ def test_preconditioner_plugs_in_and_preconditions_the_initialised_factors(base_
         hook = {"optimizers": (create_optimizer(model, **settings), None)}
     else:  # not an Optimizer class, so a factory: the Trainer calls create_optimizer(its model, **settings)
         hook = {"optimizer_cls_and_kwargs": (lambda: create_optimizer, settings)}
-    trainer, _, _, after = train_stock(base_dir, tok, tmp_path, LoraOneCallback(init_samples=5, gamma=GAMMA),
-                                       steps=2, lr=lr, model=model, **hook)
+    callback = LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=GAMMA))
+    trainer, _, _, after = train_stock(base_dir, tok, tmp_path, callback, steps=2, lr=lr, model=model, **hook)
     trainer.add_callback(grads)
     trainer.train()
     for n, a0 in after.factors.items():
@@ -330,7 +330,8 @@ def test_preconditioner_plugs_in_and_preconditions_the_initialised_factors(base_
 
 def test_activation_checkpointing_gives_the_same_init(stock_run, base_dir, tok, tmp_path):
     """The Trainer turns checkpointing on before on_train_begin; the init runs through it unchanged."""
-    trainer, _, _, after = train_stock(base_dir, tok, tmp_path, LoraOneCallback(init_samples=5, gamma=GAMMA), steps=1)
+    callback = LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=GAMMA))
+    trainer, _, _, after = train_stock(base_dir, tok, tmp_path, callback, steps=1)
     trainer.args.activation_checkpointing = True
     mlp, grad_calls = trainer.model.get_base_model().model.layers[0].mlp, []
     forward = mlp.forward  # counted on the instance: checkpointing replays forward without module hooks
@@ -368,7 +369,7 @@ def test_two_processes_give_the_one_process_init(base_dir, tmp_path):
 @pytest.mark.parametrize("variant", ["lora-one-v1", "lora-ga", "pissa"])
 def test_base_changing_variants_are_refused_with_the_route_for_them(variant):
     with pytest.raises(UsageError, match=r"get_lora_one_model\(.*save_adapter\("):
-        LoraOneCallback(variant=variant)
+        LoraOneCallback(config=LoraOneConfig(variant=variant))
 
 
 def test_a_model_without_lora_is_refused(base_dir, tok, tmp_path):
@@ -380,7 +381,8 @@ def test_a_model_without_lora_is_refused(base_dir, tok, tmp_path):
 
 
 def test_a_second_train_call_continues_from_the_trained_factors(base_dir, tok, tmp_path):
-    trainer, recorder, _, after = train_stock(base_dir, tok, tmp_path, LoraOneCallback(init_samples=5, gamma=GAMMA),
+    trainer, recorder, _, after = train_stock(base_dir, tok, tmp_path,
+                                              LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=GAMMA)),
                                               steps=2)
     trainer.train()
     trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}

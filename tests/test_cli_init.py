@@ -9,6 +9,7 @@ from numerics import assert_close_products, gradient_tol, products
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lora_one import LoraOneConfig
 from lora_one.cli import main
 from lora_one.cli.init import print_layer_table
 from lora_one.recipes.data import init_sample_indices, prepare
@@ -41,6 +42,8 @@ def test_init_causal_lm(tiny_llama_dir, tmp_path, capsys):
     assert "model.layers.1.mlp.down_proj" in printed and "gradient phase" in printed and "SVD phase" in printed
     meta = json.loads((out / "lora_one.json").read_text())
     assert meta["init_samples"] == 4 and meta["init_batches"] == 2 and meta["variant"] == "lora-one"
+    # the settings as the library takes them: the flags' LoraOneConfig, which reads back from the sidecar
+    assert LoraOneConfig(**meta["config"]) == LoraOneConfig(init_samples=4)
     assert len(meta["layers"]) == 14 and all(layer["sigma_1"] > 0 for layer in meta["layers"])
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     loaded = PeftModel.from_pretrained(base, out)
@@ -129,15 +132,15 @@ def test_init_sketch_passes_from_cli(tiny_llama_dir, tmp_path, capsys, monkeypat
     calls, real = [], lora_one.core.init.estimate_gradients
 
     def wide(*args, **kwargs):
-        calls.append({k: kwargs.get(k) for k in ("mode", "passes")})
-        return real(*args, **{**kwargs, "oversample": 64} if kwargs.get("mode") == "sketch" else kwargs)
+        calls.append({k: kwargs.get(k) for k in ("grad_mode", "sketch_passes")})
+        return real(*args, **{**kwargs, "oversample": 64} if kwargs.get("grad_mode") == "sketch" else kwargs)
 
     monkeypatch.setattr(lora_one.core.init, "estimate_gradients", wide)
     data = write_jsonl(tmp_path / "train.jsonl", LM_ROWS)
     common = ("--model", tiny_llama_dir, "--data", data, "--rank", 2, "--init-samples", 4, "--max-length", 32)
     assert run("init", *common, "--out", tmp_path / "exact") == 0
     assert run("init", *common, "--out", tmp_path / "sketch", "--grad-mode", "sketch", "--sketch-passes", 3) == 0
-    assert calls[-1] == {"mode": "sketch", "passes": 3} and calls[0]["mode"] == "accumulate"
+    assert calls[-1] == {"grad_mode": "sketch", "sketch_passes": 3} and calls[0]["grad_mode"] == "accumulate"
     meta = json.loads((tmp_path / "sketch" / "lora_one.json").read_text())
     assert meta["grad_mode"] == "sketch" and meta["sketch_passes"] == 3
     # Both adapters are the top-2 step of a float32 gradient of the same samples, within `gradient_tol` of the

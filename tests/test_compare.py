@@ -361,7 +361,7 @@ def test_eval_samples(tiny, tmp_path, monkeypatch):
 def test_bad_input_is_one_error_line(tiny, tmp_path, capsys, extra, message):
     out = tmp_path / "cmp"
     args = ["compare", "--model", tiny["llama"], "--data", tiny["train"], "--eval-data", tiny["val"], "--out", str(out),
-            "--steps", "2", *extra]
+            "--max-steps", "2", *extra]
     assert main(args) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]

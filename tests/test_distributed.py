@@ -11,7 +11,7 @@ from conftest import full_finetuning_gradients, padded_batches, ragged_examples,
 from dist_worker import CASES, CONFIG
 from numerics import assert_close_products, gradient_tol, products
 
-from lora_one import get_lora_one_model
+from lora_one import LoraOneConfig, get_lora_one_model
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
@@ -38,7 +38,8 @@ def test_two_ranks_match_one_process(tmp_path):
     rel_G = 2 * gradient_tol(tiny_llama(), examples)  # each of the two float32 gradients within one bound
     for mode, (kwargs, batch_size) in CASES.items():
         batches = padded_batches(examples, 2 * batch_size)  # the union of the ranks' batches
-        single = get_lora_one_model(tiny_llama(), CONFIG, batches, gamma=16, progress=False, num_samples=4, **kwargs)
+        single = get_lora_one_model(tiny_llama(), CONFIG, batches, show_progress_bar=False,
+                                    config=LoraOneConfig(gamma=16, init_samples=4, **kwargs))
         expected = products(single)
         for r in (0, 1):
             assert_close_products(products(ranks[r][mode]), reference, CONFIG.r, 16, rel_G * AMPLIFICATION.get(mode, 1),
@@ -66,7 +67,7 @@ def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
         "no labels": "process 1 of 2: A batch has no 'labels'",
         "nan loss": "process 1 of 2: The loss of batch 0 is nan",
         "nan loss before single-batch's all-reduce": "process 1 of 2: The loss of batch 0 is nan",
-        "single-batch with fewer batches than ranks": "process 1 of 2: mode='single-batch' needs exactly one "
+        "single-batch with fewer batches than ranks": "process 1 of 2: grad_mode='single-batch' needs exactly one "
                                                       "micro-batch per rank, holding all of its init samples; "
                                                       "this rank has 0",
     }
@@ -79,5 +80,5 @@ def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
     # the uncaught error, the same on both ranks (torch prefixes its traceback lines with the rank)
     last = [re.sub(r"^\[rank\d\]: ", "", out.strip().splitlines()[-1]) for out in outs]
     assert last[0] == last[1], outs
-    assert last[0].startswith("lora_one.core.errors.UsageError: process 1 of 2: num_samples=8 asks this rank for 4 of "
+    assert last[0].startswith("lora_one.core.errors.UsageError: process 1 of 2: init_samples=8 asks this rank for 4 of "
                               "them (over 2 ranks), but the batches hold only 2 examples"), last[0]

@@ -23,10 +23,10 @@ def test_site_builds_strict(tmp_path):
     done = build(ROOT, tmp_path / "site")
     assert done.returncode == 0, done.stdout + done.stderr
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    for name in ("get_lora_one_model", "estimate_gradients", "init_lora_one", "LoraOneCallback", "create_optimizer",
-                 "save_adapter"):
+    for name in ("LoraOneConfig", "get_lora_one_model", "estimate_gradients", "init_lora_one", "search_gamma",
+                 "LoraOneCallback", "create_optimizer", "save_adapter"):
         assert f'id="lora_one.{name}"' in api, f"{name} is missing from the API page"
-    assert "num_samples" in api  # a docstring's text, not only the headings
+    assert "init_samples" in api  # a docstring's text, not only the headings
 
 
 def _copy_of_the_docs(tmp_path: Path) -> Path:

@@ -10,7 +10,7 @@ from conftest import full_finetuning_gradients, lm_batches, tiny_llama
 from numerics import assert_same_outputs, checked, gradient_tol, sum_tol, truncation_tol
 from peft import LoraConfig, PeftModel
 
-from lora_one import get_lora_one_model, save_adapter
+from lora_one import LoraOneConfig, get_lora_one_model, save_adapter
 
 R, ALPHA, GAMMA = 4, 16.0, 8.0
 
@@ -29,8 +29,8 @@ def test_step0_weight_is_the_lora_one_step(variant):
     base, batches = tiny_llama(), lm_batches(n=4)
     G = full_finetuning_gradients(base, batches)  # independent: a plain full fine-tuning backward
     W0 = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model = get_lora_one_model(base, config(), batches, variant=variant, gamma=GAMMA, svd="exact", progress=False,
-                               num_samples=4)
+    model = get_lora_one_model(base, config(), batches, show_progress_bar=False,
+                               config=LoraOneConfig(variant=variant, gamma=GAMMA, svd="exact", init_samples=4))
     merged = merged_weights(model)
     s = ALPHA / R**0.5
     layers = [n for n in merged if n in G and (n + ".weight") in W0 and "lm_head" not in n and "embed" not in n
@@ -56,8 +56,8 @@ def test_round_trip_through_stock_peft_and_training(tmp_path, variant):
     """Trained DoRA adapters load on the untouched base with stock PEFT (base-changing variants through
     the rank-2r conversion, which holds for DoRA too: the converted delta rebuilds `W_res + s B A`)."""
     batches = lm_batches(n=4, seed=3)
-    model = get_lora_one_model(tiny_llama(), config(), lm_batches(n=4), variant=variant, gamma=GAMMA,
-                               progress=False, num_samples=4)
+    model = get_lora_one_model(tiny_llama(), config(), lm_batches(n=4), show_progress_bar=False,
+                               config=LoraOneConfig(variant=variant, gamma=GAMMA, init_samples=4))
     magnitude = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_magnitude_vector" in n}
     assert magnitude
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

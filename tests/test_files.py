@@ -153,7 +153,7 @@ def test_remove_ours_removes_only_matching_files(tmp_path):
 @pytest.fixture
 def peft_model():
     config = LoraConfig(r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"])
-    return get_lora_one_model(tiny_llama(), config, lm_batches(8), progress=False)
+    return get_lora_one_model(tiny_llama(), config, lm_batches(8), show_progress_bar=False)
 
 
 def user_files(folder: Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lora_one.cli import build_parser, main
 from lora_one.cli.args import settings_from
-from lora_one.linalg.spectral import VARIANTS
+from lora_one.core.constants import VARIANTS
 from lora_one.recipes.data import collate, prompt_ids, response_ids
 from lora_one.recipes.finetune import TrainingInterrupted, run_finetune
 

@@ -12,10 +12,12 @@ from numerics import output_tol
 from peft import LoraConfig
 from tiny_models import LORA
 
-from lora_one import LoraOneCallback, estimate_gradients, get_lora_one_model, init_lora_one
+from lora_one import LoraOneCallback, LoraOneConfig, estimate_gradients, get_lora_one_model, init_lora_one
+from lora_one.core.constants import DEFAULT_GAMMA_GRID
 from lora_one.core.errors import UsageError
 from lora_one.core.gradcache import hash_batches
-from lora_one.core.init import DEFAULT_GAMMA_GRID, parse_gamma, search_gamma
+from lora_one.core.init import search_gamma
+from lora_one.recipes.settings import parse_gamma
 
 GRID = [1.0, 4.0, 16.0, 64.0, 256.0]
 
@@ -58,8 +60,9 @@ def ragged(task="causal"):
 
 
 def build(make, batches, variant="lora-one", gamma=128.0, search_batches=None, **config):
-    return get_lora_one_model(make(), LoraConfig(**{**LORA, **config}), batches, variant=variant, gamma=gamma,
-                              progress=False, num_samples=4, search_batches=search_batches)
+    return get_lora_one_model(make(), LoraConfig(**{**LORA, **config}), batches,
+                              config=LoraOneConfig(variant=variant, gamma=gamma, init_samples=4),
+                              show_progress_bar=False, search_batches=search_batches)
 
 
 @pytest.mark.parametrize(("variant", "make", "task", "config"), [
@@ -116,11 +119,12 @@ def test_the_search_samples_are_the_held_out_ones_or_those_given():
     init_model = build(tiny_llama, batches, gamma=GRID[0])
     assert on_init["gamma_search"]["losses"][0] == pytest.approx(
         reference_loss(init_model, examples()[:4], "causal"), rel=loss_tol(init_model, examples()[:4]))
-    with pytest.raises(UsageError, match=r"judges each step on num_samples=4 training examples after the init "
+    with pytest.raises(UsageError, match=r"judges each step on init_samples=4 training examples after the init "
                                          r"samples, .* hold only 3 more; pass more batches, or search_batches="):
         build(tiny_llama, ragged()[:-1] + [{k: v[:1] for k, v in ragged()[-1].items()}], gamma=GRID)
-    with pytest.raises(UsageError, match=r"gamma search with num_samples=None: .*pass search_batches="):
-        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), batches, gamma="auto", num_samples=None)
+    with pytest.raises(UsageError, match=r"gamma search with init_samples=None: .*pass search_batches="):
+        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), batches,
+                           config=LoraOneConfig(gamma="auto", init_samples=None))
 
 
 def test_auto_is_the_default_grid_with_128():
@@ -137,7 +141,8 @@ def test_the_search_leaves_factors_and_modes_as_found():
     before = adapter(model)
     model.train()
     modes = {n: m.training for n, m in model.named_modules()}
-    search_gamma(model, estimate_gradients(tiny_llama(), batches, progress=False, num_samples=None), batches, grid=GRID)
+    search_gamma(model, estimate_gradients(tiny_llama(), batches, show_progress_bar=False, init_samples=None), batches,
+                 grid=GRID)
     after = adapter(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert modes == {n: m.training for n, m in model.named_modules()}
@@ -147,7 +152,7 @@ def test_a_non_finite_loss_is_recorded_as_none_and_never_wins():
     """A loss that overflows at the largest step (the smallest gamma, evaluated first): that gamma is skipped."""
     batches = ragged()
     model = build(tiny_llama, batches)
-    G = estimate_gradients(tiny_llama(), batches, progress=False, num_samples=None)
+    G = estimate_gradients(tiny_llama(), batches, show_progress_bar=False, init_samples=None)
     calls = []
 
     def train_step(model, batch):
@@ -167,7 +172,8 @@ def test_warnings_at_the_ends_of_the_grid():
     with pytest.warns(UserWarning, match=r"grid's smallest \(the largest step\) gamma 1e\+06"):
         build(tiny_llama, batches, gamma=[1e6, 1e7])  # tiny steps: the larger one is better
     # small steps down the loss's gradient all raise its negative: the smallest step is the best, and no good
-    model, G = build(tiny_llama, batches), estimate_gradients(tiny_llama(), batches, progress=False, num_samples=None)
+    model, G = build(tiny_llama, batches), estimate_gradients(tiny_llama(), batches, show_progress_bar=False,
+                                                              init_samples=None)
     with pytest.warns(UserWarning) as caught:
         search_gamma(model, G, batches, grid=[1e3, 1e4], train_step=lambda m, b: -m(**b).loss)
     said = [str(w.message) for w in caught]
@@ -182,16 +188,17 @@ def test_variants_whose_step0_model_ignores_gamma_refuse_auto_before_any_work(va
         yield
 
     with pytest.raises(UsageError, match=r"searches the step of lora-one and spectral; .*pass a number"):
-        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), never(), variant=variant, gamma="auto")
+        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), never(),
+                           config=LoraOneConfig(variant=variant, gamma="auto"))
     if variant == "lora":  # the only one of them the callback takes
         with pytest.raises(UsageError, match="pass a number"):
-            LoraOneCallback(variant=variant, gamma="auto")
+            LoraOneCallback(config=LoraOneConfig(variant=variant, gamma="auto"))
 
 
 @pytest.mark.parametrize("gamma", ["fast", [], [0.0, 8.0], -1.0, math.inf, True, ["a"]])
 def test_bad_gamma_is_one_line(gamma):
     with pytest.raises(UsageError, match="gamma"):
-        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), ragged(), gamma=gamma)
+        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), ragged(), config=LoraOneConfig(gamma=gamma))
 
 
 def test_init_lora_one_takes_one_gamma():

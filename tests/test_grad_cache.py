@@ -1,4 +1,4 @@
-"""The gradient cache (`cache_dir=`): a later run with the same model, samples and gradient settings skips the
+"""The gradient cache (`grad_cache=`): a later run with the same model, samples and gradient settings skips the
 backward and gives the uncached run's adapter bit for bit; anything that changes the gradient is another entry;
 a damaged entry is never used. Also the worker of the two-process test (`python test_grad_cache.py OUT`)."""
 
@@ -15,7 +15,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from tiny_models import LORA
 
-from lora_one import estimate_gradients, get_lora_one_model
+from lora_one import LoraOneConfig, estimate_gradients, get_lora_one_model
 from lora_one.core import gradcache
 from lora_one.core.errors import UsageError
 from lora_one.core.gradcache import GradientCache
@@ -47,8 +47,11 @@ def counted(model):
     return model, calls
 
 
-def init(batches, model=None, lora=LORA, **kwargs):
-    return get_lora_one_model(model or tiny_llama(), LoraConfig(**lora), batches, **{"num_samples": None, **kwargs})
+def init(batches, model=None, lora=LORA, search_batches=None, show_progress_bar=True, **settings):
+    """`get_lora_one_model` with `settings` (`LoraOneConfig`'s; every example of `batches` by default)."""
+    return get_lora_one_model(model or tiny_llama(), LoraConfig(**lora), batches, search_batches=search_batches,
+                              show_progress_bar=show_progress_bar,
+                              config=LoraOneConfig(**{"init_samples": None, **settings}))
 
 
 def entries(folder: Path) -> list[Path]:
@@ -59,10 +62,10 @@ def entries(folder: Path) -> list[Path]:
 def test_a_second_run_skips_the_backward_and_gives_the_uncached_adapter(mode, tmp_path, capsys):
     kwargs, batch_size = MODES[mode]
     batches = padded_batches(ragged_examples(), batch_size)  # ragged, padded; sketch: a short last batch
-    uncached = adapter(init(batches, progress=False, **kwargs))
+    uncached = adapter(init(batches, show_progress_bar=False, **kwargs))
     for hit in (False, True):
         model, forwards = counted(tiny_llama())
-        got = init(batches, model, cache_dir=tmp_path, **kwargs)
+        got = init(batches, model, grad_cache=tmp_path, **kwargs)
         assert bool(forwards) != hit  # a hit runs no forward, so no backward
         record = got.lora_one_metadata["gradient_cache"]
         assert record["hit"] == hit and record["entry"].endswith(".safetensors")
@@ -73,7 +76,7 @@ def test_a_second_run_skips_the_backward_and_gives_the_uncached_adapter(mode, tm
 
 def test_what_changes_the_gradient_is_another_entry_and_what_does_not_is_a_hit(tmp_path):
     batches = lm_batches(n=4)
-    init(batches, cache_dir=tmp_path, progress=False)
+    init(batches, grad_cache=tmp_path, show_progress_bar=False)
     one_ulp = tiny_llama()
     with torch.no_grad():  # not a target layer: the key covers every weight
         one_ulp.model.norm.weight[0] = torch.nextafter(one_ulp.model.norm.weight[0], torch.tensor(2.0))
@@ -88,14 +91,14 @@ def test_what_changes_the_gradient_is_another_entry_and_what_does_not_is_a_hit(t
         "micro-batches of 2": {"batches": lm_batches(n=4, batch_size=2)},  # G equal to round-off only
     }
     for what, kwargs in misses.items():
-        model = init(**{"batches": batches, **kwargs}, cache_dir=tmp_path, progress=False)
+        model = init(**{"batches": batches, **kwargs}, grad_cache=tmp_path, show_progress_bar=False)
         assert not model.lora_one_metadata["gradient_cache"]["hit"], what
     assert len(entries(tmp_path)) == 1 + len(misses)
     hits = {"another rank": {"lora": {**LORA, "r": 2}}, "another gamma": {"gamma": 16.0},
             "another variant": {"variant": "spectral"}, "a gamma search": {"gamma": GRID, "search_batches": batches},
             "another seed (accumulate)": {"seed": 5}}
     for what, kwargs in hits.items():
-        model = init(**{"batches": batches, **kwargs}, cache_dir=tmp_path, progress=False)
+        model = init(**{"batches": batches, **kwargs}, grad_cache=tmp_path, show_progress_bar=False)
         assert model.lora_one_metadata["gradient_cache"]["hit"], what
 
 
@@ -115,7 +118,7 @@ def test_a_peft_model_counts_by_its_function(tmp_path):
     hits = []
     for model in (peft(0), peft(1), peft(1, move_b=True)):
         cache = GradientCache(tmp_path)
-        estimate_gradients(model, lm_batches(n=4), progress=False, num_samples=None, cache_dir=cache)
+        estimate_gradients(model, lm_batches(n=4), show_progress_bar=False, init_samples=None, grad_cache=cache)
         hits.append(cache.last["hit"])
     assert hits == [False, True, False]
 
@@ -137,8 +140,8 @@ def test_a_quantised_base_hits_and_its_scales_are_part_of_the_key(tmp_path):
         if scale_moved:
             model.model.layers[0].mlp.up_proj.weight.quant_state.absmax[0] += 1
         cache = GradientCache(tmp_path / "cache")
-        out = estimate_gradients(model, batches, mode="sketch", rank=4, num_samples=None, progress=False,
-                                 cache_dir=cache)
+        out = estimate_gradients(model, batches, grad_mode="sketch", rank=4, init_samples=None,
+                                 show_progress_bar=False, grad_cache=cache)
         return out, cache.last["hit"]
 
     (first, hit1), (second, hit2), (_, hit3) = sketch(), sketch(), sketch(scale_moved=True)
@@ -158,23 +161,23 @@ DAMAGE = {
     "no tensor file": lambda manifest, tensors: tensors.unlink(),
     "a manifest that is no JSON": lambda manifest, tensors: manifest.write_text('{"format": '),
     "a manifest of another gradient": lambda manifest, tensors: manifest.write_text(
-        manifest.read_text().replace('"mode": "accumulate"', '"mode": "sketch"')),
+        manifest.read_text().replace('"grad_mode": "accumulate"', '"grad_mode": "sketch"')),
 }
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_entry_is_never_used_and_is_rewritten(damage, tmp_path):
     batches = lm_batches(n=4)
-    first = adapter(init(batches, cache_dir=tmp_path, progress=False))
+    first = adapter(init(batches, grad_cache=tmp_path, show_progress_bar=False))
     (manifest,) = entries(tmp_path)
     DAMAGE[damage](manifest, manifest.with_suffix(".safetensors"))
     model, forwards = counted(tiny_llama())
     with pytest.warns(UserWarning, match=r"gradient cache entry .* is damaged \(.*\); not using it: the gradient is "
                                          r"recomputed and the entry rewritten"):
-        second = init(batches, model, cache_dir=tmp_path, progress=False)
+        second = init(batches, model, grad_cache=tmp_path, show_progress_bar=False)
     assert forwards and not second.lora_one_metadata["gradient_cache"]["hit"]
     assert_identical(adapter(second), first)
-    third = init(batches, cache_dir=tmp_path, progress=False)
+    third = init(batches, grad_cache=tmp_path, show_progress_bar=False)
     assert third.lora_one_metadata["gradient_cache"]["hit"]
     assert_identical(adapter(third), first)
 
@@ -185,7 +188,7 @@ def test_a_top_r_svd_serves_smaller_ranks_and_a_larger_rank_recomputes(tmp_path,
     def sketch(rank, cache=None):
         cache = cache or GradientCache(tmp_path)
         model, forwards = counted(tiny_llama())
-        out = estimate_gradients(model, batches, mode="sketch", rank=rank, num_samples=None, cache_dir=cache)
+        out = estimate_gradients(model, batches, grad_mode="sketch", rank=rank, init_samples=None, grad_cache=cache)
         return out, cache.last["hit"], bool(forwards)
 
     rank4, hit, ran = sketch(4)
@@ -202,18 +205,19 @@ def test_a_top_r_svd_serves_smaller_ranks_and_a_larger_rank_recomputes(tmp_path,
         capsys.readouterr().out
     (manifest,) = entries(tmp_path)
     assert set(json.loads(manifest.read_text())["ranks"].values()) == {8}  # replaced by the larger one
-    uncached = estimate_gradients(tiny_llama(), batches, mode="sketch", rank=8, num_samples=None, progress=False)
+    uncached = estimate_gradients(tiny_llama(), batches, grad_mode="sketch", rank=8, init_samples=None,
+                                  show_progress_bar=False)
     for name, t in rank8.items():
         assert torch.equal(t.U, uncached[name].U) and torch.equal(t.S, uncached[name].S)
     assert sketch(4)[1]
 
 
 def test_a_custom_loss_or_a_file_for_a_folder_is_refused(tmp_path):
-    with pytest.raises(UsageError, match="cache_dir with train_step: .*drop cache_dir"):
-        estimate_gradients(tiny_llama(), lm_batches(), train_step=lambda m, b: m(**b).loss, cache_dir=tmp_path)
+    with pytest.raises(UsageError, match="grad_cache with train_step: .*drop grad_cache"):
+        estimate_gradients(tiny_llama(), lm_batches(), train_step=lambda m, b: m(**b).loss, grad_cache=tmp_path)
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="is a file; give a folder"):
-        init(lm_batches(n=4), cache_dir=tmp_path / "file")
+        init(lm_batches(n=4), grad_cache=tmp_path / "file")
 
 
 def test_two_ranks_share_one_entry_and_match_one_process(tmp_path):
@@ -227,7 +231,7 @@ def test_two_ranks_share_one_entry_and_match_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [[run["cache"]["hit"] for run in r] for r in ranks] == [[False, True], [False, True]]
     assert len(entries(tmp_path / "cache")) == 1
-    single = init(padded_batches(ragged_examples(LENGTHS), 2), gamma=GRID, progress=False, num_samples=4)
+    single = init(padded_batches(ragged_examples(LENGTHS), 2), gamma=GRID, show_progress_bar=False, init_samples=4)
     search = single.lora_one_metadata["gamma_search"]
     for r in ranks:
         for run in r:
@@ -253,7 +257,7 @@ def test_a_read_holds_the_entry_once(tmp_path):
     included (reading the file into memory and loading tensors from those bytes held it twice).
     `benchmarks/grad_cache_memory.py` measures the same in a fresh process."""
     shape = (2048, 4096)
-    fields = {"mode": "accumulate", "targets": {"a": list(shape), "b": list(shape)}}
+    fields = {"grad_mode": "accumulate", "targets": {"a": list(shape), "b": list(shape)}}
     stored = {name: torch.randn(shape, generator=torch.Generator().manual_seed(i))
               for i, name in enumerate(fields["targets"])}
     GradientCache(tmp_path).store(fields, None, stored)
@@ -270,7 +274,7 @@ def test_a_tensor_file_replaced_after_its_checksum_is_not_used(tmp_path, monkeyp
     """A writer's `os.replace` between the checksum and the mapping: the file mapped is not the file
     checked, so the entry is not used."""
     batches = lm_batches(n=4)
-    first = adapter(init(batches, cache_dir=tmp_path, progress=False))
+    first = adapter(init(batches, grad_cache=tmp_path, show_progress_bar=False))
     (manifest,) = entries(tmp_path)
     tensors = manifest.with_suffix(".safetensors")
     real = gradcache.safe_open
@@ -282,7 +286,7 @@ def test_a_tensor_file_replaced_after_its_checksum_is_not_used(tmp_path, monkeyp
 
     monkeypatch.setattr(gradcache, "safe_open", replaced_first)
     with pytest.warns(UserWarning, match=r"is damaged \(the tensor file was replaced while it was read\)"):
-        second = init(batches, cache_dir=tmp_path, progress=False)
+        second = init(batches, grad_cache=tmp_path, show_progress_bar=False)
     assert not second.lora_one_metadata["gradient_cache"]["hit"]
     assert_identical(adapter(second), first)
 
@@ -295,7 +299,7 @@ def worker(out: Path) -> None:
     shard = padded_batches(ragged_examples(LENGTHS)[rank::2], 1)  # init 5 and 14 tokens, or 9 and 7; then held out
     runs = []
     for _ in range(2):
-        model = init(shard, gamma=GRID, progress=False, cache_dir=out / "cache", num_samples=4)
+        model = init(shard, gamma=GRID, show_progress_bar=False, grad_cache=out / "cache", init_samples=4)
         meta = model.lora_one_metadata
         runs.append({"adapter": adapter(model), "search": meta["gamma_search"], "cache": meta["gradient_cache"]})
     torch.save(runs, out / f"rank{rank}.pt")

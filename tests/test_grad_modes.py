@@ -20,8 +20,8 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from lora_one import estimate_gradients, get_lora_one_model
-from lora_one.core.gradients import DEFAULT_SKETCH_PASSES
+from lora_one import LoraOneConfig, estimate_gradients, get_lora_one_model
+from lora_one.core.constants import DEFAULT_SKETCH_PASSES
 from lora_one.linalg.sketch import GradientSketch, default_sizes
 from lora_one.linalg.spectral import TopSVD, exact_svd, lora_factors, subspace_sine
 
@@ -76,8 +76,9 @@ def test_sketch_mode_with_full_sketch_equals_accumulate():
     """With sketches as wide as the layer the single-pass SVD is exact: it must match the exact top-r
     SVD of the accumulated gradient, and the factors must match too."""
     model, batches = tiny_llama(), lm_batches(n=4, batch_size=2)
-    G = estimate_gradients(model, batches, progress=False, num_samples=4)
-    S = estimate_gradients(model, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=64)
+    G = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4)
+    S = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4, grad_mode="sketch", rank=4,
+                           oversample=64)
     assert S.keys() == G.keys()
     sketched, exact = {}, {}
     for name in G:
@@ -94,7 +95,7 @@ def test_sketch_mode_never_forms_a_weight_gradient(llama):
     snapshot = {n: p.requires_grad for n, p in llama.named_parameters()}
     for p in llama.parameters():
         p.register_post_accumulate_grad_hook(lambda p: pytest.fail("a weight gradient was formed"))
-    estimate_gradients(llama, lm_batches(), progress=False, num_samples=4, mode="sketch", rank=2)
+    estimate_gradients(llama, lm_batches(), show_progress_bar=False, init_samples=4, grad_mode="sketch", rank=2)
     assert {n: p.requires_grad for n, p in llama.named_parameters()} == snapshot
     assert all(p.grad is None for p in llama.parameters())
 
@@ -106,18 +107,19 @@ def test_every_mode_gives_the_reference_gradient_on_ragged_data(llama):
     examples = ragged_examples()
     reference = full_finetuning_gradients(llama, examples)
     runs = {
-        "single-batch": estimate_gradients(llama, padded_batches(examples, 4), progress=False, num_samples=4,
-                                           mode="single-batch", rank=4),
-        **{f"sketch {p}": estimate_gradients(llama, padded_batches(examples, 3), progress=False, num_samples=4,
-                                             mode="sketch", rank=4, oversample=64, passes=p) for p in (1, 2)},
+        "single-batch": estimate_gradients(llama, padded_batches(examples, 4), show_progress_bar=False, init_samples=4,
+                                           grad_mode="single-batch", rank=4),
+        **{f"sketch {p}": estimate_gradients(llama, padded_batches(examples, 3), show_progress_bar=False,
+                                             init_samples=4, grad_mode="sketch", rank=4, oversample=64,
+                                             sketch_passes=p) for p in (1, 2)},
     }
     for mode, svds in runs.items():
         assert svds.keys() <= reference.keys(), mode
         for name, svd in svds.items():
             assert_same_top_subspace(svd, reference[name], 4, llama, examples, computations=1)
     with pytest.raises(ValueError, match="needs exactly one micro-batch per rank.* this rank has 2"):
-        estimate_gradients(llama, padded_batches(examples, 2), progress=False, num_samples=4, mode="single-batch",
-                           rank=4)
+        estimate_gradients(llama, padded_batches(examples, 2), show_progress_bar=False, init_samples=4,
+                           grad_mode="single-batch", rank=4)
 
 
 def test_gradient_checkpointing_is_active_and_agrees(llama):
@@ -125,7 +127,7 @@ def test_gradient_checkpointing_is_active_and_agrees(llama):
     there, so a module inside a checkpointed decoder layer runs twice per batch (the forward, then
     the recompute in the backward), even for a model the user left in eval mode; same gradient."""
     batches = lm_batches()
-    G = estimate_gradients(llama, batches, progress=False, num_samples=4)
+    G = estimate_gradients(llama, batches, show_progress_bar=False, init_samples=4)
     ckpt = copy.deepcopy(llama)
     ckpt.activation_checkpointing_enable()
     ckpt.eval()
@@ -134,8 +136,8 @@ def test_gradient_checkpointing_is_active_and_agrees(llama):
     ckpt.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     for mode, passes in (("accumulate", 1), ("sketch", 2)):
         calls.clear()
-        out = estimate_gradients(ckpt, batches, progress=False, num_samples=4, mode=mode, rank=4, oversample=64,
-                                 offload=True, passes=passes)
+        out = estimate_gradients(ckpt, batches, show_progress_bar=False, init_samples=4, grad_mode=mode, rank=4,
+                                 oversample=64, offload=True, sketch_passes=passes)
         assert len(calls) == 2 * len(batches) * passes, mode
         assert not ckpt.training
         for name in G:
@@ -153,9 +155,9 @@ def test_dropout_is_off_in_training_mode_and_restored():
         "bert": (lambda p: tiny_bert_with(hidden_dropout_prob=p, attention_probs_dropout_prob=p), cls_batches()),
     }
     for kind, (make, batches) in models.items():
-        plain = estimate_gradients(make(0.0), batches, progress=False, num_samples=4)
+        plain = estimate_gradients(make(0.0), batches, show_progress_bar=False, init_samples=4)
         noisy_model = make(0.6).train()
-        noisy = estimate_gradients(noisy_model, batches, progress=False, num_samples=4)
+        noisy = estimate_gradients(noisy_model, batches, show_progress_bar=False, init_samples=4)
         for name in plain:
             assert torch.equal(noisy[name], plain[name]), (kind, name)
         rates = [m.p for m in noisy_model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -176,20 +178,22 @@ def test_layer_shapes_come_from_in_and_out_features():
             return torch.nn.functional.linear(x, self.weight.reshape(self.out_features, self.in_features))
 
     model, batches = tiny_llama(), lm_batches()
-    G = estimate_gradients(model, batches, progress=False, num_samples=4)
+    G = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4)
     for layer in model.model.layers:
         layer.self_attn.q_proj = Packed(layer.self_attn.q_proj)
-    S = estimate_gradients(model, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=64)
+    S = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4, grad_mode="sketch", rank=4,
+                           oversample=64)
     for name in G:
         assert_same_top_subspace(S[name], G[name], 4, model, batches)
 
 
 def test_bf16_model_accumulates_in_fp32(llama):
     batches = lm_batches()
-    G = estimate_gradients(llama, batches, progress=False, num_samples=4)
+    G = estimate_gradients(llama, batches, show_progress_bar=False, init_samples=4)
     half = copy.deepcopy(llama).to(torch.bfloat16)
     for mode in ("accumulate", "sketch"):
-        out = estimate_gradients(half, batches, progress=False, num_samples=4, mode=mode, rank=2, oversample=64)
+        out = estimate_gradients(half, batches, show_progress_bar=False, init_samples=4, grad_mode=mode, rank=2,
+                                 oversample=64)
         for name in G:
             if mode == "accumulate":
                 assert out[name].dtype == torch.float32
@@ -203,14 +207,15 @@ def test_bf16_model_accumulates_in_fp32(llama):
 def test_get_lora_one_model_in_sketch_mode_on_a_peft_model():
     model, batches = tiny_llama(), lm_batches()
     config = LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")
-    sketched = get_lora_one_model(copy.deepcopy(model), config, batches, grad_mode="sketch", num_samples=4)
+    sketched = get_lora_one_model(copy.deepcopy(model), config, batches,
+                                  config=LoraOneConfig(grad_mode="sketch", init_samples=4))
     assert sketched.lora_one_metadata["grad_mode"] == "sketch"
     assert sketched.lora_one_metadata["sketch_passes"] == DEFAULT_SKETCH_PASSES == 2
     # the sketch of a PeftModel (B = 0: the function of the base) sees the same gradient
     wrapped = get_peft_model(copy.deepcopy(model), config)
-    from_peft = estimate_gradients(wrapped, batches, progress=False, num_samples=4, mode="sketch", rank=4,
-                                   oversample=64)
-    G = estimate_gradients(model, batches, progress=False, num_samples=4)
+    from_peft = estimate_gradients(wrapped, batches, show_progress_bar=False, init_samples=4, grad_mode="sketch",
+                                   rank=4, oversample=64)
+    G = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4)
     for name in G:
         assert_same_top_subspace(from_peft[name], G[name], 4, model, batches)
 
@@ -220,12 +225,12 @@ def test_sketch_passes_approach_the_exact_svd():
     pass misses the top-4 subspaces (median sine 0.93 measured), three passes find them (median 1.1e-2,
     max 6.2e-2 measured)."""
     model, batches = tiny_llama(), lm_batches(n=4)
-    G = estimate_gradients(model, batches, progress=False, num_samples=4)
+    G = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4)
     truth = {name: exact_svd(g.double(), 4) for name, g in G.items()}
     median, worst = {}, {}
     for passes in (1, 3):
-        S = estimate_gradients(model, batches, progress=False, num_samples=4, mode="sketch", rank=4, oversample=4,
-                               passes=passes)
+        S = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4, grad_mode="sketch", rank=4,
+                               oversample=4, sketch_passes=passes)
         sines = sorted(max(subspace_sine(truth[n].U, S[n].U), subspace_sine(truth[n].Vh.T, S[n].Vh.T)) for n in G)
         median[passes], worst[passes] = sines[len(sines) // 2], sines[-1]
     assert median[1] > 0.5 and median[3] < 0.03 and worst[3] < 0.15, (median, worst)
@@ -235,41 +240,46 @@ def test_sketch_passes_reuse_the_samples_of_a_generator_or_shuffling_loader(llam
     """Every pass sees the samples of the first: a generator works, and a shuffling DataLoader (which
     would draw other samples on a second iteration) gives the sketch of the samples it drew first."""
     batches = lm_batches(n=8)
-    listed = estimate_gradients(llama, batches, progress=False, num_samples=8, mode="sketch", rank=2, passes=2)
-    generated = estimate_gradients(llama, (b for b in batches), progress=False, num_samples=8, mode="sketch",
-                                   rank=2, passes=2)
+    listed = estimate_gradients(llama, batches, show_progress_bar=False, init_samples=8, grad_mode="sketch", rank=2,
+                                sketch_passes=2)
+    generated = estimate_gradients(llama, (b for b in batches), show_progress_bar=False, init_samples=8,
+                                   grad_mode="sketch", rank=2, sketch_passes=2)
 
     def loader():
         data = [{k: v[0] for k, v in b.items()} for b in lm_batches(n=20)]
         return DataLoader(data, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(5))
 
-    shuffled = estimate_gradients(llama, loader(), progress=False, num_samples=6, mode="sketch", rank=2, passes=2)
+    shuffled = estimate_gradients(llama, loader(), show_progress_bar=False, init_samples=6, grad_mode="sketch", rank=2,
+                                  sketch_passes=2)
     drawn = list(itertools.islice(loader(), 3))
-    expected = estimate_gradients(llama, drawn, progress=False, num_samples=None, mode="sketch", rank=2, passes=2)
+    expected = estimate_gradients(llama, drawn, show_progress_bar=False, init_samples=None, grad_mode="sketch", rank=2,
+                                  sketch_passes=2)
     for got, want in ((generated, listed), (shuffled, expected)):
         for name in want:
             assert torch.equal(got[name].U, want[name].U) and torch.equal(got[name].S, want[name].S), name
-    with pytest.raises(ValueError, match="needs mode='sketch'"):
-        estimate_gradients(llama, batches, progress=False, num_samples=4, mode="accumulate", passes=2)
+    with pytest.raises(ValueError, match="needs grad_mode='sketch'"):
+        estimate_gradients(llama, batches, show_progress_bar=False, init_samples=4, grad_mode="accumulate",
+                           sketch_passes=2)
     for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="passes must be an integer >= 1"):
-            estimate_gradients(llama, batches, progress=False, num_samples=4, mode="sketch", rank=2, passes=bad)
+        with pytest.raises(ValueError, match="sketch_passes must be an integer >= 1"):
+            estimate_gradients(llama, batches, show_progress_bar=False, init_samples=4, grad_mode="sketch", rank=2,
+                               sketch_passes=bad)
 
 
 def test_bad_mode_arguments(llama):
-    with pytest.raises(ValueError, match="Unknown gradient mode"):
-        estimate_gradients(llama, lm_batches(), mode="stream", num_samples=4)
+    with pytest.raises(ValueError, match="Unknown grad_mode"):
+        estimate_gradients(llama, lm_batches(), grad_mode="stream", init_samples=4)
     with pytest.raises(ValueError, match="needs the LoRA rank"):
-        estimate_gradients(llama, lm_batches(), mode="sketch", num_samples=4)
+        estimate_gradients(llama, lm_batches(), grad_mode="sketch", init_samples=4)
     with pytest.raises(ValueError, match="lora-ga runs PEFT's own implementation"):
         get_lora_one_model(llama, LoraConfig(r=2, target_modules="all-linear"), lm_batches(),
-                           variant="lora-ga", grad_mode="sketch", num_samples=4)
+                           config=LoraOneConfig(variant="lora-ga", grad_mode="sketch", init_samples=4))
 
 
 def test_sketch_mode_defaults_to_two_passes(llama):
     batches = lm_batches()
-    default = estimate_gradients(llama, batches, progress=False, num_samples=4, mode="sketch", rank=2)
+    default = estimate_gradients(llama, batches, show_progress_bar=False, init_samples=4, grad_mode="sketch", rank=2)
     for passes, same in ((2, True), (1, False)):
-        explicit = estimate_gradients(llama, batches, progress=False, num_samples=4, mode="sketch", rank=2,
-                                      passes=passes)
+        explicit = estimate_gradients(llama, batches, show_progress_bar=False, init_samples=4, grad_mode="sketch",
+                                      rank=2, sketch_passes=passes)
         assert all(torch.equal(default[n].U, explicit[n].U) for n in default) == same

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from tiny_models import LORA
 
-from lora_one import VARIANTS, estimate_gradients, get_lora_one_model, init_lora_one, save_adapter
+from lora_one import VARIANTS, LoraOneConfig, estimate_gradients, get_lora_one_model, init_lora_one, save_adapter
 from lora_one.linalg.spectral import exact_svd
 from numerics import assert_same_outputs, checked, relative_error, sum_tol, truncation_tols
 
@@ -40,9 +40,9 @@ def lora_pairs(peft_model):
 def test_step0_is_a_normalised_rank_r_gradient_step(variant):
     model, batches = tiny_llama(), lm_batches()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    G = estimate_gradients(model, batches, progress=False, num_samples=4)
-    peft_model = get_lora_one_model(model, LoraConfig(**LORA), batches, variant=variant, gamma=64, svd="exact",
-                                    num_samples=4)
+    G = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4)
+    peft_model = get_lora_one_model(model, LoraConfig(**LORA), batches,
+                                    config=LoraOneConfig(variant=variant, gamma=64, svd="exact", init_samples=4))
     s = 16 / 4**0.5
     stats = {row["layer"]: row for row in peft_model.lora_one_metadata["layers"]}
     for name, layer in lora_pairs(peft_model):
@@ -67,8 +67,8 @@ def test_round_trip_through_stock_peft(variant, tmp_path):
     trained model's logits; base-changing variants keep the function at step 0."""
     base, batches = tiny_llama(), lm_batches()
     base_logits = logits(base, batches)
-    peft_model = get_lora_one_model(copy.deepcopy(base), LoraConfig(**LORA), batches, variant=variant, gamma=16,
-                                    num_samples=4)
+    peft_model = get_lora_one_model(copy.deepcopy(base), LoraConfig(**LORA), batches,
+                                    config=LoraOneConfig(variant=variant, gamma=16, init_samples=4))
     step0 = logits(peft_model, batches)
     if variant in ("lora-one-v1", "lora-ga", "pissa", "lora"):
         assert_same_outputs(step0, base_logits, base, positions=12)  # W - sBA + sBA, rounded
@@ -90,7 +90,8 @@ def test_round_trip_through_stock_peft(variant, tmp_path):
 def test_sequence_classification_round_trip(tmp_path):
     base, batches = tiny_bert(), cls_batches()
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS")
-    peft_model = get_lora_one_model(copy.deepcopy(base), config, batches, gamma=16, num_samples=4)
+    peft_model = get_lora_one_model(copy.deepcopy(base), config, batches,
+                                    config=LoraOneConfig(gamma=16, init_samples=4))
     perturb_adapter(peft_model)
     save_adapter(peft_model, tmp_path / "cls")
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "cls")
@@ -101,8 +102,8 @@ def test_sequence_classification_round_trip(tmp_path):
 def test_same_seed_gives_bit_identical_adapter(variant, tmp_path):
     for run in ("a", "b"):
         model = tiny_llama()
-        peft_model = get_lora_one_model(model, LoraConfig(**LORA), lm_batches(), variant=variant, seed=3,
-                                        num_samples=4)
+        peft_model = get_lora_one_model(model, LoraConfig(**LORA), lm_batches(),
+                                        config=LoraOneConfig(variant=variant, seed=3, init_samples=4))
         save_adapter(peft_model, tmp_path / run)
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -116,13 +117,13 @@ def test_rank_larger_than_a_layer_is_refused_before_any_work():
 
 def test_unknown_variant():
     with pytest.raises(ValueError, match="Unknown variant 'lora-two'"):
-        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), lm_batches(), variant="lora-two")
+        get_lora_one_model(tiny_llama(), LoraConfig(**LORA), lm_batches(), config=LoraOneConfig(variant="lora-two"))
 
 
 def test_missing_gradient_for_a_layer():
     model, batches = tiny_llama(), lm_batches()
-    G = estimate_gradients(model, batches, target_modules=["q_proj"], progress=False, num_samples=4)
-    peft_model = get_lora_one_model(model, LoraConfig(**LORA), None, variant="lora")
+    G = estimate_gradients(model, batches, target_modules=["q_proj"], show_progress_bar=False, init_samples=4)
+    peft_model = get_lora_one_model(model, LoraConfig(**LORA), None, config=LoraOneConfig(variant="lora"))
     with pytest.raises(ValueError, match="No gradient for LoRA layer 'model.layers.0.self_attn.k_proj'"):
         init_lora_one(peft_model, G)
 
@@ -130,8 +131,8 @@ def test_missing_gradient_for_a_layer():
 def test_init_accepts_peft_model_names():
     """Gradients keyed by the PeftModel's own module names work as well as base-model names."""
     model, batches = tiny_llama(), lm_batches()
-    G = estimate_gradients(model, batches, progress=False, num_samples=4)
-    peft_a = get_lora_one_model(copy.deepcopy(model), LoraConfig(**LORA), None, variant="lora")
+    G = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4)
+    peft_a = get_lora_one_model(copy.deepcopy(model), LoraConfig(**LORA), None, config=LoraOneConfig(variant="lora"))
     peft_b = copy.deepcopy(peft_a)
     init_lora_one(peft_a, G)
     init_lora_one(peft_b, {f"base_model.model.{k}.base_layer": v for k, v in G.items()})
@@ -148,7 +149,8 @@ def test_lora_one_without_rslora_warns_of_its_sqrt_r_smaller_step():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             peft_model = get_lora_one_model(copy.deepcopy(model), LoraConfig(**{**LORA, "use_rslora": rslora}),
-                                            batches, variant=variant, progress=False, num_samples=4)
+                                            batches, config=LoraOneConfig(variant=variant, init_samples=4),
+                                            show_progress_bar=False)
         said = [str(w.message) for w in caught if "use_rslora" in str(w.message)]
         assert len(said) == (variant == "lora-one" and not rslora), said
         assert all("Pass use_rslora=True" in m for m in said)

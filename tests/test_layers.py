@@ -1,6 +1,6 @@
 """The package's layers are its folders, and their imports point one way (function-level imports included):
 
-    lora_one.linalg   tensors in, tensors out: of lora_one, `core.errors` alone
+    lora_one.linalg   tensors in, tensors out: of lora_one, `core.errors` and `core.constants` alone
     lora_one.core     the library: core and linalg
     lora_one.recipes  the applications: recipes, core and linalg, never the cli
     lora_one.cli      the command line: anything, imported by no other layer
@@ -22,7 +22,7 @@ PACKAGE = Path(lora_one.__file__).parent
 LAYERS = ("linalg", "core", "recipes", "cli")
 MAY_IMPORT = {  # layer -> the lora_one modules it may import (a package stands for its modules)
     "__init__": {"core", "linalg"},
-    "linalg": {"linalg", "core.errors"},
+    "linalg": {"linalg", "core.errors", "core.constants"},
     "core": {"core", "linalg"},
     "recipes": {"recipes", "core", "linalg", "__init__"},
     "cli": {"cli", "recipes", "core", "linalg", "__init__"},
@@ -97,6 +97,21 @@ def test_the_check_sees_a_wrong_import():
         found = {i.removeprefix("lora_one.") if i != "lora_one" else "__init__"
                  for i in imports(rel, ast.parse(code)) if i == "lora_one" or i.startswith("lora_one.")}
         assert any(not allowed(dep, may) for dep in found), code
+
+
+def test_settings_import_no_implementation():
+    """The settings and the constants they read load nothing heavy: the command line's settings take only
+    the constants and `LoraOneConfig`, which takes only the library's constants (and `errors`)."""
+    light = {"core.constants", "core.errors", "core.config", "recipes.constants"}
+    found = modules()
+    for name, may in (("recipes.settings", light), ("core.config", {"core.constants", "core.errors"}),
+                      ("core.constants", set()), ("recipes.constants", set())):
+        wrong = sorted(dep for dep in found[name] if not allowed(dep, may))
+        assert not wrong, f"{name} imports {wrong}; move what it needs into a constants module"
+    for name in ("core.constants", "recipes.constants"):
+        rel, tree = parsed()[name]
+        assert imports(rel, tree) <= {"__future__", "__future__.annotations", "dataclasses",
+                                      "dataclasses.dataclass"}, name
 
 
 def test_the_library_imports_only_its_dependencies():

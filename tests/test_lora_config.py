@@ -14,7 +14,7 @@ from tiny_models import one_thread  # noqa: F401 (autouse fixture: tiny matrices
 from torch import nn
 
 import lora_one.core.init
-from lora_one import estimate_gradients, get_lora_one_model
+from lora_one import LoraOneConfig, estimate_gradients, get_lora_one_model
 from lora_one.core.errors import UsageError
 from lora_one.core.targets import lora_layers
 
@@ -69,8 +69,8 @@ def test_the_layers_peft_wraps_take_the_step_of_their_own_rank_and_scale(field, 
         return gradients
 
     monkeypatch.setattr(lora_one.core.init, "estimate_gradients", recording)
-    model = get_lora_one_model(tiny_llama(), config(field), MODES[mode], gamma=GAMMA, grad_mode=mode,
-                               num_samples=None, progress=False)
+    model = get_lora_one_model(tiny_llama(), config(field), MODES[mode], show_progress_bar=False,
+                               config=LoraOneConfig(gamma=GAMMA, grad_mode=mode, init_samples=None))
     layers = lora_layers(model)
     assert estimated == [set(wrapped)]  # no gradient for a layer PEFT leaves alone
     assert {n: (layer.r["default"], layer.scaling["default"]) for n, layer in layers.items()} == wrapped
@@ -96,7 +96,7 @@ def test_a_rank_pattern_too_large_for_its_layer_is_refused_before_any_work():
     lora = LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=True, target_modules="all-linear", rank_pattern={"k_proj": 20})
     with pytest.raises(UsageError, match=r"r=20 is larger than the smallest dimension of layer "
                                          r"'model.layers.0.self_attn.k_proj' \(16, 32\)"):
-        get_lora_one_model(model, lora, no_batches(), grad_mode="sketch", progress=False)
+        get_lora_one_model(model, lora, no_batches(), config=LoraOneConfig(grad_mode="sketch"), show_progress_bar=False)
     assert not lora_layers(model) and type(model.model.layers[0].self_attn.k_proj) is nn.Linear
 
 
@@ -104,24 +104,24 @@ def test_a_plain_model_matches_target_modules_as_peft_does():
     """`estimate_gradients` on a plain model: `None` is PEFT's default for the architecture, the
     default is all-linear (without the LM head)."""
     batches = MODES["accumulate"]
-    default = estimate_gradients(tiny_llama(), batches, target_modules=None, num_samples=None, progress=False)
+    default = estimate_gradients(tiny_llama(), batches, target_modules=None, init_samples=None, show_progress_bar=False)
     assert set(default) == set(lora_layers(get_peft_model(tiny_llama(), LoraConfig(target_modules=None))))
-    every = estimate_gradients(tiny_llama(), batches, num_samples=None, progress=False)
+    every = estimate_gradients(tiny_llama(), batches, init_samples=None, show_progress_bar=False)
     assert len(every) == 14 and "lm_head" not in every
 
 
 def test_a_rank_per_layer_must_cover_every_target():
     with pytest.raises(UsageError, match=r"rank gives no r for the target layer 'model.layers.0.self_attn.v_proj'"):
-        estimate_gradients(tiny_llama(), MODES["sketch"], target_modules=["q_proj", "v_proj"], mode="sketch",
-                           rank={"model.layers.0.self_attn.q_proj": 4}, num_samples=None, progress=False)
+        estimate_gradients(tiny_llama(), MODES["sketch"], target_modules=["q_proj", "v_proj"], grad_mode="sketch",
+                           rank={"model.layers.0.self_attn.q_proj": 4}, init_samples=None, show_progress_bar=False)
 
 
 def test_a_gradient_cache_holds_a_rank_per_layer(tmp_path, capsys):
     """A rank_pattern in sketch mode is stored with each layer's rank: a second call reads it (no backward)
     and starts from the same factors bit for bit; a larger rank for one layer recomputes."""
     def init(lora):
-        model = get_lora_one_model(tiny_llama(), lora, MODES["sketch"], grad_mode="sketch", num_samples=None,
-                                   progress=False, cache_dir=tmp_path)
+        model = get_lora_one_model(tiny_llama(), lora, MODES["sketch"], show_progress_bar=False,
+                                   config=LoraOneConfig(grad_mode="sketch", init_samples=None, grad_cache=tmp_path))
         return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}, model.lora_one_metadata
 
     (first, meta1), (second, meta2) = init(config("rank_pattern")), init(config("rank_pattern"))

@@ -257,7 +257,7 @@ def test_a_half_precision_model_gives_the_float32_gradient_in_float32(dtype, tin
     assert all(torch.equal(w, full[n].to(dtype)) for n, w in low.state_dict().items())
     examples = ragged_examples(lengths=(6, 11, 9, 14))
     batches = padded_batches(examples, 2)
-    got = estimate_gradients(low, batches, progress=False, num_samples=None)
+    got = estimate_gradients(low, batches, show_progress_bar=False, init_samples=None)
     assert got and all(g.dtype == torch.float32 for g in got.values())
     terms = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]  # predicted label tokens
     reference = {name: 0.0 for name in got}

@@ -9,7 +9,7 @@ from numerics import U32, checked, relative_error, sum_tol
 from peft import LoraConfig
 from tiny_models import LORA
 
-from lora_one import create_optimizer, get_lora_one_model
+from lora_one import LoraOneConfig, create_optimizer, get_lora_one_model
 from lora_one.linalg.preconditioner import precondition
 
 
@@ -61,9 +61,10 @@ def test_preconditioned_adamw_equals_adamw_on_preconditioned_gradients(reg):
     would amplify round-off without bound over a trajectory), and its parameters are plain AdamW's fed those
     gradients, bit for bit."""
     batches = lm_batches(n=3)
-    model = get_lora_one_model(tiny_llama(), LoraConfig(**LORA), batches, gamma=16, num_samples=3)
+    model = get_lora_one_model(tiny_llama(), LoraConfig(**LORA), batches,
+                               config=LoraOneConfig(gamma=16, init_samples=3))
     reference, plain = copy.deepcopy(model), copy.deepcopy(model)
-    opt = create_optimizer(model, lr=1e-2, precondition=True, reg=reg, weight_decay=0.0)
+    opt = create_optimizer(model, lr=1e-2, precondition=True, prec_reg=reg, weight_decay=0.0)
     plain_opt = create_optimizer(plain, lr=1e-2, precondition=False, weight_decay=0.0)
     ref_params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
     ref_opt = torch.optim.AdamW(list(ref_params.values()), lr=1e-2, weight_decay=0.0)
@@ -92,7 +93,8 @@ def test_preconditioned_adamw_equals_adamw_on_preconditioned_gradients(reg):
 
 
 def test_plain_adamw_and_bad_lr():
-    model = get_lora_one_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), None, variant="lora")
+    model = get_lora_one_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), None,
+                               config=LoraOneConfig(variant="lora"))
     opt = create_optimizer(model, lr=1e-3, weight_decay=0.0)
     assert type(opt) is torch.optim.AdamW
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
@@ -109,7 +111,8 @@ def test_weight_decay_has_one_default_zero():
 
     from lora_one.recipes.settings import FinetuneSettings
 
-    model = get_lora_one_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), None, variant="lora")
+    model = get_lora_one_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), None,
+                               config=LoraOneConfig(variant="lora"))
     for preconditioned in (False, True):
         groups = create_optimizer(model, lr=1e-3, precondition=preconditioned).param_groups
         assert [g["weight_decay"] for g in groups] == [0.0] * len(groups)

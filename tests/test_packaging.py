@@ -158,7 +158,7 @@ def test_the_public_api_is_at_the_top_level():
     from lora_one.core.errors import UsageError
 
     assert set(lora_one.__all__) == {
-        "__version__", "estimate_gradients", "init_lora_one", "get_lora_one_model", "search_gamma",
+        "__version__", "LoraOneConfig", "estimate_gradients", "init_lora_one", "get_lora_one_model", "search_gamma",
         "DEFAULT_GAMMA_GRID", "create_optimizer", "save_adapter", "LoraOneCallback", "UsageError", "VARIANTS",
     }
     assert all(hasattr(lora_one, name) for name in lora_one.__all__)

@@ -27,7 +27,7 @@ from tiny_models import (  # noqa: F401 (fixtures: one_thread, base_dir, tok)
 )
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from lora_one import LoraOneCallback
+from lora_one import LoraOneCallback, LoraOneConfig
 from lora_one.core.errors import UsageError
 from lora_one.core.gradients import estimate_gradients
 from lora_one.core.init import get_lora_one_model
@@ -110,8 +110,9 @@ def test_4bit_sketch_init_is_the_step_of_the_quantised_model(base_dir, tok, exam
     assert isinstance(quantised.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
     reference_q = full_finetuning_gradients(dequantised(base_dir, quantised), examples)
     peft_model = get_lora_one_model(quantised, LoraConfig(**LORA), padded_batches(examples, 3, tok.pad_token_id),
-                                    gamma=GAMMA, grad_mode="sketch", sketch_passes=3, num_samples=None,
-                                    progress=False)
+                                    config=LoraOneConfig(gamma=GAMMA, grad_mode="sketch", sketch_passes=3,
+                                                         init_samples=None),
+                                    show_progress_bar=False)
     factors = step0_factors(peft_model)
     assert len(factors) == 14
     # packed weights have no |W| to divide by: the layer table leaves the ratio out rather than misstate it
@@ -131,8 +132,9 @@ def test_8bit_sketch_init_is_the_step_of_the_int8_model(base_dir, tok, examples)
     batches = padded_batches(examples, 3, tok.pad_token_id)
     reference = own_gradients(quantised, batches)
     tokens = sum(b["input_ids"].numel() for b in batches)
-    peft_model = get_lora_one_model(quantised, LoraConfig(**LORA), batches, gamma=GAMMA, grad_mode="sketch",
-                                    sketch_passes=3, num_samples=None, progress=False)
+    peft_model = get_lora_one_model(
+        quantised, LoraConfig(**LORA), batches, show_progress_bar=False,
+        config=LoraOneConfig(gamma=GAMMA, grad_mode="sketch", sketch_passes=3, init_samples=None))
     factors = step0_factors(peft_model)
     assert len(factors) == 14
     widest = max(sum(G.shape) for G in reference.values())
@@ -142,9 +144,9 @@ def test_8bit_sketch_init_is_the_step_of_the_int8_model(base_dir, tok, examples)
 
 def test_accumulate_mode_refuses_a_quantised_base_naming_sketch(base_dir, tok, examples):
     quantised, _, _ = load_model(str(base_dir), quantize="4bit")
-    with pytest.raises(UsageError, match="Use mode='sketch', which needs no weight gradient"):
-        estimate_gradients(quantised, padded_batches(examples, 3, tok.pad_token_id), num_samples=None,
-                           progress=False)
+    with pytest.raises(UsageError, match="Use grad_mode='sketch', which needs no weight gradient"):
+        estimate_gradients(quantised, padded_batches(examples, 3, tok.pad_token_id), init_samples=None,
+                           show_progress_bar=False)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -259,8 +261,8 @@ def test_the_callback_initialises_a_4bit_model_in_a_trainer(base_dir, tok, examp
     trainer = Trainer(model=get_peft_model(quantised, LoraConfig(**LORA)), args=args,
                       train_dataset=Dataset.from_list(lm_rows(tok, N)),
                       data_collator=step0.collate,
-                      callbacks=[LoraOneCallback(init_samples=N, gamma=GAMMA, grad_mode="sketch", sketch_passes=3),
-                                 step0])
+                      callbacks=[LoraOneCallback(config=LoraOneConfig(init_samples=N, gamma=GAMMA, grad_mode="sketch",
+                                                                      sketch_passes=3)), step0])
     trainer.train()
     factors = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight"):
                (step0.factors[n.replace(".lora_A.", ".lora_B.")], a)

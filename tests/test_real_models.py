@@ -7,7 +7,7 @@ from numerics import U32, checked, gradient_tol, relative_error
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_one import estimate_gradients, get_lora_one_model, save_adapter
+from lora_one import LoraOneConfig, estimate_gradients, get_lora_one_model, save_adapter
 from lora_one.recipes.data import causal_lm_features, collate
 from lora_one.recipes.embedded_data import load
 
@@ -20,7 +20,7 @@ def test_smollm2_gradient_matches_full_backward_and_round_trips(smollm2_dir, tmp
     feats = causal_lm_features(load("trec:train")[:2], tok, max_length=64)
     batches = [collate([f], tok.pad_token_id or 0) for f in feats]
     targets = ["q_proj", "down_proj"]
-    grads = estimate_gradients(model, batches, target_modules=targets, progress=False, num_samples=2)
+    grads = estimate_gradients(model, batches, target_modules=targets, show_progress_bar=False, init_samples=2)
     assert len(grads) == 2 * model.config.num_hidden_layers
     reference = full_finetuning_gradients(model, batches)  # float64
     # The output layer's input gradient is a sum over the vocabulary (49,152 terms an entry, one of them the -1 of
@@ -34,7 +34,7 @@ def test_smollm2_gradient_matches_full_backward_and_round_trips(smollm2_dir, tmp
     del reference
 
     peft_model = get_lora_one_model(model, LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=targets),
-                                    batches, progress=False, num_samples=2)
+                                    batches, config=LoraOneConfig(init_samples=2), show_progress_bar=False)
     with torch.no_grad():
         expected = peft_model(**batches[0]).logits
     save_adapter(peft_model, tmp_path / "adapter")
@@ -52,7 +52,7 @@ def test_minilm_gradient_matches_full_backward(minilm_dir):
     enc = tok([r["text"] for r in records], padding=True, truncation=True, max_length=64, return_tensors="pt")
     labels = torch.tensor([int(r["label"] == "positive") for r in records])
     batches = [{**{k: v[i : i + 2] for k, v in enc.items()}, "labels": labels[i : i + 2]} for i in (0, 2)]
-    grads = estimate_gradients(model, batches, progress=False, num_samples=4)
+    grads = estimate_gradients(model, batches, show_progress_bar=False, init_samples=4)
     assert "classifier" not in grads and len(grads) == 6 * 6 + 1  # 6 Linear per layer + pooler
     reference = full_finetuning_gradients(model, batches, "classification")  # padded rows taken apart; float64
     tol = gradient_tol(model, batches)

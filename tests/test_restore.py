@@ -9,7 +9,7 @@ from conftest import lm_batches, tiny_llama
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from lora_one import VARIANTS, get_lora_one_model
+from lora_one import VARIANTS, LoraOneConfig, get_lora_one_model
 from lora_one.core.errors import UsageError
 from lora_one.core.init import lora_one_state, restore_lora_one
 
@@ -35,10 +35,12 @@ CASES = [(v, torch.float32) for v in VARIANTS] + [(v, torch.bfloat16) for v in (
 @pytest.mark.parametrize("variant,dtype", CASES)
 def test_restore_is_the_init_bit_for_bit(variant, dtype, tmp_path, monkeypatch):
     batches = lm_batches(8, batch_size=3)
-    made = get_lora_one_model(tiny_llama().to(dtype), config(), batches, variant=variant, progress=False)
+    made = get_lora_one_model(tiny_llama().to(dtype), config(), batches, config=LoraOneConfig(variant=variant),
+                              show_progress_bar=False)
     torch.save(lora_one_state(made), tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)  # as a checkpoint stores it
-    untouched = get_lora_one_model(tiny_llama().to(dtype), config(), None, variant="lora", progress=False).state_dict()
+    untouched = get_lora_one_model(tiny_llama().to(dtype), config(), None, config=LoraOneConfig(variant="lora"),
+                                   show_progress_bar=False).state_dict()
 
     no_init_work(monkeypatch)
     restored = restore_lora_one(tiny_llama().to(dtype), config(), state)
@@ -58,6 +60,6 @@ def test_restore_is_the_init_bit_for_bit(variant, dtype, tmp_path, monkeypatch):
 
 
 def test_restore_refuses_another_rank():
-    made = get_lora_one_model(tiny_llama(), config(2), lm_batches(8), progress=False)
+    made = get_lora_one_model(tiny_llama(), config(2), lm_batches(8), show_progress_bar=False)
     with pytest.raises(UsageError, match="does not fit"):
         restore_lora_one(tiny_llama(), config(4), lora_one_state(made))

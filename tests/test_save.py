@@ -18,10 +18,10 @@ from tiny_models import one_thread, question_records, sentiment_records, tiny_be
 from tiny_models import tiny_llama as tiny_llama_folder
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from lora_one import get_lora_one_model, save_adapter
+from lora_one import LoraOneConfig, get_lora_one_model, save_adapter
 from lora_one.cli import main
+from lora_one.core.constants import BASE_CHANGING_VARIANTS
 from lora_one.core.errors import UsageError
-from lora_one.linalg.spectral import BASE_CHANGING_VARIANTS
 
 RANK = 4
 
@@ -52,8 +52,8 @@ def pad(batch: list[dict]) -> dict:
 def lora_one_model(base, variant: str, data_seed: int = 0):
     config = LoraConfig(r=RANK, lora_alpha=8, use_rslora=True, target_modules="all-linear", task_type="CAUSAL_LM")
     init = [pad(rows(seed=data_seed)[:3]), pad(rows(seed=data_seed)[3:])]
-    return get_lora_one_model(copy.deepcopy(base), config, init, variant=variant, gamma=16, progress=False,
-                              num_samples=None)
+    return get_lora_one_model(copy.deepcopy(base), config, init, show_progress_bar=False,
+                              config=LoraOneConfig(variant=variant, gamma=16, init_samples=None))
 
 
 def trainer(model, out, **settings) -> Trainer:

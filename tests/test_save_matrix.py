@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from tiny_models import one_thread, question_records, sentiment_records, tiny_bert, tiny_llama, write_jsonl  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_one import get_lora_one_model, save_adapter
+from lora_one import LoraOneConfig, get_lora_one_model, save_adapter
 from lora_one.cli import main
-from lora_one.linalg.spectral import BASE_CHANGING_VARIANTS, VARIANTS
+from lora_one.core.constants import BASE_CHANGING_VARIANTS, VARIANTS
 
 RANK = 4
 LABELS = {"negative": 0, "positive": 1}
@@ -96,8 +96,8 @@ def trainable(model) -> dict[str, torch.Tensor]:
 def test_save_reload_eval_merge(task, variant, tmp_path):
     config = LoraConfig(r=RANK, lora_alpha=8, use_rslora=True, target_modules="all-linear",
                         task_type=task["task_type"])
-    model = get_lora_one_model(task["base"](), config, task["batches"], variant=variant, gamma=16, progress=False,
-                               num_samples=None)
+    model = get_lora_one_model(task["base"](), config, task["batches"], show_progress_bar=False,
+                               config=LoraOneConfig(variant=variant, gamma=16, init_samples=None))
     step0 = trainable(model)
     if task["name"] == "classification":
         assert any("classifier.modules_to_save" in n for n in step0)  # the head is trained

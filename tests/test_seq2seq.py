@@ -36,7 +36,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from lora_one import LoraOneCallback, estimate_gradients
+from lora_one import LoraOneCallback, LoraOneConfig, estimate_gradients
 from lora_one.core.errors import UsageError
 from lora_one.core.init import get_lora_one_model
 from lora_one.core.save import save_adapter
@@ -156,7 +156,7 @@ def test_one_step_gradient_is_the_dense_full_batch_step(t5_dir, tok):
     reference = full_finetuning_gradients(model, unpadded(feats), "seq2seq")
     for batch_size in (1, 2, 5):
         batches = [collate(feats[i : i + batch_size], tok.pad_token_id) for i in range(0, 5, batch_size)]
-        grads = estimate_gradients(model, batches, progress=False, num_samples=None)
+        grads = estimate_gradients(model, batches, show_progress_bar=False, init_samples=None)
         assert len(grads) == 32  # every Linear of 2 encoder and 2 decoder blocks; not the LM head
         for name, g in grads.items():
             rel, tol = relative_error(g, reference[name]), gradient_tol(model, unpadded(feats))
@@ -173,8 +173,8 @@ def test_sketch_mode_on_t5_equals_the_dense_gradients_top_subspace(t5_dir, tok):
     feats = seq2seq_features(RECORDS[:5], tok, 64)
     reference = full_finetuning_gradients(model, unpadded(feats), "seq2seq")
     batches = [collate(feats[i : i + 2], tok.pad_token_id) for i in range(0, 5, 2)]
-    sketched = estimate_gradients(model, batches, progress=False, num_samples=None, mode="sketch", rank=RANK,
-                                  oversample=64)
+    sketched = estimate_gradients(model, batches, show_progress_bar=False, init_samples=None, grad_mode="sketch",
+                                  rank=RANK, oversample=64)
     assert len(sketched) == 32 and sketched.keys() <= reference.keys()  # every Linear but the LM head
     tol = gradient_tol(model, unpadded(feats))
     for name, svd in sketched.items():
@@ -195,7 +195,8 @@ def adapter(t5_dir, tok, tmp_path_factory):
     batches = init_batches(feats, 5, 2, seed=0, pad_id=tok.pad_token_id)  # 2 + 2 + 1
     drawn = unpadded([feats[i] for i in init_sample_indices(len(feats), 5, seed=0)])
     reference = full_finetuning_gradients(model, drawn, "seq2seq")
-    peft_model = get_lora_one_model(model, lora_config(), batches, gamma=GAMMA, progress=False, num_samples=None)
+    peft_model = get_lora_one_model(model, lora_config(), batches, show_progress_bar=False,
+                                    config=LoraOneConfig(gamma=GAMMA, init_samples=None))
     step0 = products(peft_model)
     batch = collate(feats, tok.pad_token_id)
     losses = []
@@ -301,7 +302,8 @@ def test_trainer_callback_step0_on_t5(t5_dir, tok, tmp_path):
 
     recorder.phase = "before"
     peft_model = get_peft_model(fresh(t5_dir), lora_config())
-    phases = [_Phase(recorder, "init"), LoraOneCallback(init_samples=5, gamma=GAMMA), _PhaseAfter(recorder, "train")]
+    phases = [_Phase(recorder, "init"), LoraOneCallback(config=LoraOneConfig(init_samples=5, gamma=GAMMA)),
+              _PhaseAfter(recorder, "train")]
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=3, max_steps=1, learning_rate=1e-3,
                              use_cpu=True, report_to=[], dataloader_num_workers=0, save_strategy="no",
                              disable_tqdm=True, seed=0)

@@ -104,7 +104,7 @@ def test_subspace_sine_reference():
         ({"r": 0}, "rank must be >= 1"),
         ({"r": 4, "variant": "lora-ga"}, "not 'lora-ga'"),
         ({"r": 4, "gamma": 0.0}, "gamma must be positive"),
-        ({"r": 4, "svd": "full"}, "Unknown svd method"),
+        ({"r": 4, "svd": "full"}, "Unknown svd"),
     ],
 )
 def test_bad_arguments(kwargs, message):

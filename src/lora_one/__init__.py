@@ -1,6 +1,6 @@
 """LoRA-One: LoRA adapters initialised from the top singular subspace of the one-step full gradient.
 
-    peft_model = get_lora_one_model(model, lora_config, batches, variant="lora-one", gamma=128)
+    peft_model = get_lora_one_model(model, lora_config, batches, config=LoraOneConfig(gamma=128))
     opt = create_optimizer(peft_model, lr=2e-4, precondition=True)
     ...train...
     save_adapter(peft_model, "out")   # stock PEFT adapter + lora_one.json sidecar
@@ -31,17 +31,19 @@ finally:
     del _muted, _name, _level
 
 from lora_one.core.callback import LoraOneCallback
+from lora_one.core.config import LoraOneConfig
+from lora_one.core.constants import DEFAULT_GAMMA_GRID, VARIANTS
 from lora_one.core.errors import UsageError
 from lora_one.core.gradients import estimate_gradients
-from lora_one.core.init import DEFAULT_GAMMA_GRID, get_lora_one_model, init_lora_one, search_gamma
+from lora_one.core.init import get_lora_one_model, init_lora_one, search_gamma
 from lora_one.core.optim import create_optimizer
 from lora_one.core.save import save_adapter
-from lora_one.linalg.spectral import VARIANTS
 
 __version__ = importlib.metadata.version("lora-one")
 
 __all__ = [
     "__version__",
+    "LoraOneConfig",
     "estimate_gradients",
     "init_lora_one",
     "get_lora_one_model",

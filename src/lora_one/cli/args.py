@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
 
 import yaml
 
+from lora_one.core.deprecation import REMOVED_IN
 from lora_one.core.errors import UsageError
 
 
@@ -60,6 +62,26 @@ def add_settings(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParse
                         "command line override it")
     parser.set_defaults(settings_class=cls)
     return parser
+
+
+class _OldFlag(argparse.Action):
+    """A flag's old name: it sets what the new one sets, with a warning naming the new one."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated and is removed in lora-one {REMOVED_IN}; use "
+              f"{self.new}.", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_old_flag(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Keep `old` working for one release as another name of the flag `new` (hidden from --help)."""
+    target = next(a for a in parser._actions if new in a.option_strings)
+    parser.add_argument(old, dest=target.dest, type=target.type, default=target.default, action=_OldFlag, new=new,
+                        help=argparse.SUPPRESS)
 
 
 def _coerce(kind: type, choices, key: str, value, source: str):

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import yaml
 
-from lora_one.cli.args import add_settings, convert, settings_from
+from lora_one.cli.args import add_old_flag, add_settings, convert, settings_from
 from lora_one.core.errors import UsageError
 from lora_one.recipes.compare import CHOSEN, DEFAULT_METHODS, METHODS, CompareSettings, run_compare
 from lora_one.recipes.finetune import TrainingInterrupted
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
                    "name:key=value (more with :key=value), give it a grid with key=a/b/c (lr=... replaces "
                    f"--lr-grid) (default: {','.join(DEFAULT_METHODS)})")
     add_settings(p, CompareSettings)
+    add_old_flag(p, "--steps", "--max-steps")
     for action in p._actions:  # set by compare for each run: refused, so not offered
         if action.dest in CHOSEN:
             action.help = argparse.SUPPRESS

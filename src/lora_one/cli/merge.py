@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lora_one.recipes.merge import merge_adapter
-from lora_one.recipes.models import TASKS
+from lora_one.recipes.constants import TASKS
 from lora_one.recipes.runs import check_out_dir
 
 

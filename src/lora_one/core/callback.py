@@ -2,26 +2,24 @@
 
     trainer = SFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds,
                          peft_config=LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
-                         callbacks=[LoraOneCallback(init_samples=8, gamma=128)])
+                         callbacks=[LoraOneCallback(config=LoraOneConfig(init_samples=8, gamma=128))])
     trainer.train()
 
 At `on_train_begin` (after the Trainer built its optimizer and prepared model and dataloader, before
-the first step) the callback draws `init_samples` examples from the trainer's own training dataloader
-(with `gamma="auto"`, as many more after them, on which the line search judges the step), takes the
-one-step gradient of the LoRA layers' base weights (`step0_gradients`) and writes `lora_A`/`lora_B`
-in place (`init_lora_one`). The optimizer holds those same Parameter objects and has
-no state yet, so nothing else needs to change. Resuming from a checkpoint (`state.global_step > 0`)
-keeps the factors the Trainer restored.
+the first step) the callback runs the init as `get_lora_one_model` does (`init_adapter`) on the trainer's
+own training dataloader: it draws `init_samples` examples (with `gamma="auto"`, as many more after them,
+on which the line search judges the step), takes the one-step gradient of the LoRA layers' base weights
+and writes `lora_A`/`lora_B` in place. The optimizer holds those same Parameter objects and has no state
+yet, so nothing else needs to change. Resuming from a checkpoint (`state.global_step > 0`) keeps the
+factors the Trainer restored.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,24 +30,15 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from lora_one.core.config import LoraOneConfig, as_config
+from lora_one.core.constants import BASE_CHANGING_VARIANTS, NEEDS_GRADIENT
+from lora_one.core.deprecation import deprecated_arguments
 from lora_one.core.errors import UsageError
 from lora_one.core.files import write_text_atomic
-from lora_one.core.gradcache import GradientCache
-from lora_one.core.gradients import init_and_held_out_samples
-from lora_one.core.gradients import init_samples as take_init_samples
-from lora_one.core.init import (
-    NEEDS_GRADIENT,
-    check_variant,
-    gamma_grid,
-    init_metadata,
-    initialise_adapter,
-    step0_gradients,
-    warn_without_rslora,
-)
+from lora_one.core.init import init_adapter, warn_without_rslora
 from lora_one.core.parallel import is_main_process
 from lora_one.core.save import SIDECAR, sidecar_text
 from lora_one.core.targets import lora_layers
-from lora_one.linalg.spectral import BASE_CHANGING_VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +60,10 @@ def _rng_untouched(device: torch.device):
 
 class LoraOneCallback(TrainerCallback, ExportableState):
     """Initialise a Trainer's LoRA adapter with LoRA-One when training starts; write `lora_one.json`
-    beside every adapter the Trainer saves.
+    beside every adapter the Trainer saves. Guide: docs/trainer.md.
 
-    Args mirror `get_lora_one_model` and the command line: `init_samples` (N, over all processes),
-    `variant` (`lora-one`, `spectral` or `lora`), `gamma` (a number, `"auto"` or a list: the line search
-    of `search_gamma` on the `init_samples` examples the dataloader yields after the init samples),
-    `grad_mode` (`accumulate`, `single-batch`, `sketch`),
-    `sketch_passes`, `seed`, `svd`, `cache_dir` (the gradient cache, `lora_one.core.gradcache`; not with
-    `bind`); `estimate_gradients` and `init_lora_one` check them when training starts. The
-    base-changing variants are refused here: a Trainer saves only the adapter, not the rewritten base
-    weights they need. Guide: docs/trainer.md.
+    The base-changing variants (`lora-one-v1`, `lora-ga`, `pissa`) are refused here: a Trainer saves only
+    the adapter, not the rewritten base weights they need.
 
     The gradient is that of the model's own `.loss` on the drawn batches. For a Trainer whose loss is
     not the model's (a `compute_loss` override, `compute_loss_func`, label smoothing, TRL's `dft`
@@ -89,29 +72,32 @@ class LoraOneCallback(TrainerCallback, ExportableState):
     Sidecars: `on_save` writes `lora_one.json` into each checkpoint folder; `on_train_end` writes it
     into `args.output_dir`, where `trainer.save_model()` and `trainer.push_to_hub()` put the adapter
     by default; for another folder call `callback.save_metadata(folder)` after `save_model(folder)`.
+
+    Args:
+        config: the init's settings (`LoraOneConfig`, or a dict of its fields as a checkpoint's
+            `trainer_state.json` keeps it; None: the defaults). `init_samples` examples, counted over all
+            processes, are drawn from the trainer's training dataloader (with a gamma search, as many
+            more after them); the progress bar follows the Trainer's `disable_tqdm`.
+
+    Raises:
+        UsageError: a base-changing variant, or `init_samples=None` (which would read the whole epoch);
+            when training starts, a model without LoRA layers or what `get_lora_one_model` refuses.
     """
 
-    def __init__(
-        self,
-        init_samples: int = 8,
-        variant: str = "lora-one",
-        gamma: float | str | Sequence[float] = 128.0,
-        grad_mode: str = "accumulate",
-        sketch_passes: int | None = None,
-        seed: int = 0,
-        svd: str = "randomized",
-        cache_dir: str | os.PathLike | None = None,
-    ):
-        check_variant(variant)
-        gamma_grid(gamma, variant)
-        if variant in BASE_CHANGING_VARIANTS:
+    @deprecated_arguments(old_positional=("init_samples", "variant", "gamma", "grad_mode", "sketch_passes", "seed",
+                                          "svd", "cache_dir"), into_config=True)
+    def __init__(self, *, config: LoraOneConfig | Mapping | None = None):
+        config = as_config(config)
+        if config.variant in BASE_CHANGING_VARIANTS:
             raise UsageError(
-                f"variant={variant!r} rewrites the base weights, which a Trainer's checkpoints and save_model() "
-                "do not hold; use get_lora_one_model(...) and save_adapter(...) for it, or lora-one / spectral here."
+                f"variant={config.variant!r} rewrites the base weights, which a Trainer's checkpoints and "
+                "save_model() do not hold; use get_lora_one_model(...) and save_adapter(...) for it, or lora-one / "
+                "spectral here."
             )
-        self.init_samples, self.variant, self.gamma = init_samples, variant, gamma
-        self.grad_mode, self.sketch_passes, self.seed, self.svd = grad_mode, sketch_passes, seed, svd
-        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        if config.init_samples is None:
+            raise UsageError("LoraOneCallback reads init_samples examples from the training dataloader; give a "
+                             "number (init_samples=None would read the whole epoch).")
+        self.config = config
         self.metadata: dict | None = None  # what the sidecar records; kept in checkpoints' trainer_state.json
         self._trainer = None
         self._initialised = None  # a weak reference to the model the init wrote
@@ -122,12 +108,7 @@ class LoraOneCallback(TrainerCallback, ExportableState):
         return self
 
     def state(self) -> dict:
-        return {
-            "args": {"init_samples": self.init_samples, "variant": self.variant, "gamma": self.gamma,
-                     "grad_mode": self.grad_mode, "sketch_passes": self.sketch_passes, "seed": self.seed,
-                     "svd": self.svd, "cache_dir": self.cache_dir},
-            "attributes": {"metadata": self.metadata},
-        }
+        return {"args": {"config": self.config.as_json()}, "attributes": {"metadata": self.metadata}}
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if state.global_step > 0:  # resumed: the Trainer restored the trained factors already
@@ -144,33 +125,15 @@ class LoraOneCallback(TrainerCallback, ExportableState):
                 "peft.get_peft_model(model, LoraConfig(...)) before building the Trainer."
             )
         adapter = model.active_adapter
-        warn_without_rslora(self.variant, model.peft_config[adapter].use_rslora)
-        device = next(model.parameters()).device
-        t0 = time.perf_counter()
-        cache = GradientCache(self.cache_dir) if self.cache_dir is not None else None
-        with _rng_untouched(device):
-            batches, held_out, gradients = [], [], None
-            if self.variant in NEEDS_GRADIENT:
-                # this rank's share, read from its own (already sharded) dataloader and no further
-                if gamma_grid(self.gamma, self.variant) is not None:
-                    batches, held_out = init_and_held_out_samples(train_dataloader, self.init_samples, device)
-                else:
-                    batches = take_init_samples(train_dataloader, self.init_samples, device)
-                gradients = step0_gradients(
-                    model, batches, adapter, progress=not args.disable_tqdm, mode=self.grad_mode, seed=self.seed,
-                    passes=self.sketch_passes, num_samples=None, train_step=self._train_step(), cache_dir=cache,
-                )
-            t1 = time.perf_counter()
-            stats, gamma, search = initialise_adapter(model, gradients, self.variant, self.gamma, self.svd,
-                                                      self.seed, adapter, held_out, self._train_step())
-        t2 = time.perf_counter()
+        warn_without_rslora(self.config.variant, model.peft_config[adapter].use_rslora)
+        # this rank's share, read from its own (already sharded) dataloader and no further
+        batches = train_dataloader if self.config.variant in NEEDS_GRADIENT else None
+        with _rng_untouched(next(model.parameters()).device):
+            meta = init_adapter(model, adapter, self.config, batches, None, self._train_step(),
+                                show_progress_bar=not args.disable_tqdm)
         self._initialised = weakref.ref(model)
-        self.metadata = {
-            **init_metadata(self.variant, gamma, self.svd, self.grad_mode, self.sketch_passes, self.seed,
-                            batches, device, t1 - t0, t2 - t1 - (search["seconds"] if search else 0.0), stats,
-                            gamma_search=search, gradient_cache=cache.last if cache else None),
-            "loss": f"{type(self._trainer).__name__}.compute_loss" if self._trainer else "model(**batch).loss",
-        }
+        self.metadata = {**meta, "loss": f"{type(self._trainer).__name__}.compute_loss" if self._trainer
+                         else "model(**batch).loss"}
 
     def _train_step(self):
         if self._trainer is None:

@@ -1,19 +1,19 @@
 """A cache of one-step gradients on disk: sweeps over rank, gamma or variant take the gradient once.
 
-`estimate_gradients(..., cache_dir=DIR)` (and `get_lora_one_model`, `LoraOneCallback`) looks the
-gradient up under a key before any backward, and stores it after computing it. The key is the SHA-256
-of a JSON of everything that fixes the result (`key_fields`):
+`estimate_gradients(..., grad_cache=DIR)` (and `LoraOneConfig(grad_cache=DIR)`, the command line's
+`--grad-cache`) looks the gradient up under a key before any backward, and stores it after computing it.
+The key is the SHA-256 of a JSON of everything that fixes the result (`key_fields`):
 
 - the model: its class, a SHA-256 of its config, and a SHA-256 of the bytes of its state dict (every
   parameter and persistent buffer, a quantised weight's scales), names, dtypes and shapes included (a
   LoRA layer's factors count by their product `s B A`).
-  Exact and the same on every device; it costs one read of the weights (about 1 GB/s on one CPU core).
+  Exact and the same on every device; it costs one read of the weights (docs/measurements.md#gradient-cache).
   A path or a name would not do: a fresh classifier head, a fitted probe head or weights changed in
   place give another gradient from the same checkpoint;
 - the target layers and their shapes; the init samples (`hash_batches` of each rank's micro-batches, so
   another micro-batching or another split over the ranks, whose `G` is equal only to round-off, is
-  another entry); the memory mode, and what shapes the result in that mode (`single-batch`: the SVD's
-  seed; `sketch`: seed, passes, oversampling);
+  another entry); the memory mode (`grad_mode`), and what shapes the result in that mode (`single-batch`: the
+  SVD's seed; `sketch`: seed, sketch passes, oversampling);
 - what changes the rounding: the device type, an autocast dtype, and the torch, transformers and
   lora-one versions.
 
@@ -108,8 +108,8 @@ def _config_sha256(config: transformers.PreTrainedConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def key_fields(model: nn.Module, targets: Mapping[str, nn.Module], samples: list[Mapping], mode: str, seed: int,
-               oversample: int | None, passes: int) -> dict:
+def key_fields(model: nn.Module, targets: Mapping[str, nn.Module], samples: list[Mapping], grad_mode: str,
+               seed: int, oversample: int | None, sketch_passes: int) -> dict:
     """What fixes `estimate_gradients`' result (module docstring). Collective under `torch.distributed`."""
     base = base_model_of(model)
     config = getattr(base, "config", None)
@@ -122,16 +122,16 @@ def key_fields(model: nn.Module, targets: Mapping[str, nn.Module], samples: list
         },
         "targets": {n: [m.out_features, m.in_features] for n, m in targets.items()},
         "samples_sha256": _per_rank(hash_batches(samples)),
-        "mode": mode,
+        "grad_mode": grad_mode,
         "device": device.type,
         "autocast": str(torch.get_autocast_dtype(device.type)) if torch.is_autocast_enabled(device.type) else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "lora-one": version("lora-one")},
     }
-    if mode != "accumulate":
+    if grad_mode != "accumulate":
         fields["seed"] = seed
-    if mode == "sketch":
-        fields.update(passes=passes, oversample=oversample)
+    if grad_mode == "sketch":
+        fields.update(sketch_passes=sketch_passes, oversample=oversample)
     return fields
 
 
@@ -160,7 +160,7 @@ class GradientCache:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
-            raise UsageError(f"cache_dir {str(folder)!r} is a file; give a folder for the gradient cache.")
+            raise UsageError(f"grad_cache {str(folder)!r} is a file; give a folder for the gradient cache.")
         self.last: dict | None = None
 
     def _paths(self, fields: dict) -> tuple[Path, Path]:
@@ -202,7 +202,7 @@ class GradientCache:
             raise _Damaged("its manifest describes another gradient than its name")
         stored = _mapped_if_intact(tensors, meta.get("tensors_sha256"))
         shapes = fields["targets"]
-        if fields["mode"] == "accumulate":
+        if fields["grad_mode"] == "accumulate":
             if {n: list(t.shape) for n, t in stored.items()} != shapes:
                 raise _Damaged("its layers or shapes differ from the model's")
             return stored
@@ -244,7 +244,7 @@ class GradientCache:
                 with tmp.open("rb") as f:
                     checksum = hashlib.file_digest(f, "sha256").hexdigest()
             meta = {"format": FORMAT, "version": FORMAT_VERSION, "fields": fields, "tensors": tensors.name,
-                    "tensors_sha256": checksum, "ranks": None if fields["mode"] == "accumulate" else dict(ranks)}
+                    "tensors_sha256": checksum, "ranks": None if fields["grad_mode"] == "accumulate" else dict(ranks)}
             write_text_atomic(manifest, json.dumps(meta, indent=1, sort_keys=True) + "\n")  # last: marks it complete
             written = True
         except (OSError, UsageError) as e:  # raised on rank 0 alone: the other ranks must not wait for it

@@ -10,7 +10,7 @@ exactly one full-batch step over the N samples, and `transformers.Trainer`'s con
 times `its terms / the terms of all micro-batches of all ranks`, and `G` is the same, to fp32 round-off,
 for every micro-batch size, a short last batch, every memory mode and every number of ranks.
 
-The samples are materialised first: this rank's share of `num_samples` examples (the last batch sliced
+The samples are materialised first: this rank's share of `init_samples` examples (the last batch sliced
 if it straddles the boundary), kept in a list, so that a shuffling DataLoader or a generator works and
 every sketch pass sees the same samples. Three memory modes:
 
@@ -26,7 +26,7 @@ every sketch pass sees the same samples. Three memory modes:
   the layer inputs `x`, tensor hooks on the outputs receive `g = dL/dy`, and both feed the linear
   sketches `G @ Omega`, `Psi @ G` (`lora_one.linalg.sketch`). The base weights need no `requires_grad`, so a
   frozen or quantised base works and the backward costs what a LoRA training step's backward costs.
-  `passes > 1` runs the samples again, each pass sketching with test matrices built from the previous
+  `sketch_passes > 1` runs the samples again, each pass sketching with test matrices built from the previous
   pass's all-reduced sketches (subspace iteration): more accurate for slowly decaying spectra, at one
   forward and backward over the data per pass. Returns a `TopSVD` per layer.
 
@@ -42,7 +42,7 @@ few samples) is raised on every rank with the same message before the next colle
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -51,6 +51,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedConfig
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
+from lora_one.core.config import check_grad_mode, check_init_samples, resolve_sketch_passes
+from lora_one.core.constants import DEFAULT_INIT_SAMPLES
+from lora_one.core.deprecation import deprecated_arguments
 from lora_one.core.errors import UsageError
 from lora_one.core.gradcache import GradientCache, key_fields
 from lora_one.core.parallel import all_reduce_sum, is_main_process, raise_together, world_size
@@ -59,12 +62,6 @@ from lora_one.core.targets import base_model_of, find_target_linears
 from lora_one.linalg.sketch import GradientSketch, default_sizes, test_matrix
 from lora_one.linalg.spectral import TopSVD, randomized_svd
 
-MODES = ("accumulate", "single-batch", "sketch")
-# Sketch passes when none are asked for. On SmolLM2 (N = 64, r = 8) one pass left a top-8 subspace
-# sine of 0.2 (median) where two gave at most 4.5e-3 over 70 layers, for 1.6x a LoRA epoch's time
-# against 0.9x; three gave 5e-4 for 2.9x (benchmarks/results/init_cost.txt).
-DEFAULT_SKETCH_PASSES = 2
-DEFAULT_NUM_SAMPLES = 8  # the reference's N
 IGNORE_INDEX = -100
 # Parts of the names of the float settings that transformers modules (or their configs) read as a
 # probability of dropping something in training mode: attention_dropout, layerdrop, drop_path's
@@ -227,7 +224,7 @@ class _Sketch:
             self.handles.append(m.register_forward_hook(self._forward_hook(name)))
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embeddings is None:
-            raise UsageError("mode='sketch' needs a model with get_input_embeddings() to start the backward.")
+            raise UsageError("grad_mode='sketch' needs a model with get_input_embeddings() to start the backward.")
         # No weight takes a gradient, so make the embedding output a leaf of the graph: the backward
         # then computes input gradients only, as in LoRA training. Every module sharing the embedding
         # weight (T5's encoder and decoder each hold their own module over `shared`) starts the graph.
@@ -302,21 +299,17 @@ class _Reader:
             yield batch
 
 
-def _take(reader: _Reader, num_samples: int | None, held_out: bool = False) -> list[dict]:
-    """This rank's share of `num_samples` examples over all ranks, read from its own batches up to
-    there and no further (all of them with `None`); the first `num_samples % world` ranks take one more.
+def _take(reader: _Reader, init_samples: int | None, held_out: bool = False) -> list[dict]:
+    """This rank's share of `init_samples` examples over all ranks, read from its own batches up to
+    there and no further (all of them with `None`); the first `init_samples % world` ranks take one more.
     `held_out`: the share that follows the init samples, for the gamma search (only the message differs)."""
-    if num_samples is None:
+    if init_samples is None:
         samples = list(reader)
         for batch in samples:
             examples_in(batch)
         return samples
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise UsageError(
-            f"num_samples must be an integer >= 1, or None for every example given; got {num_samples!r}."
-        )
     world, me = world_size(), process_rank()
-    share = num_samples // world + (me < num_samples % world)
+    share = init_samples // world + (me < init_samples % world)
     samples, have = [], 0
     if share:  # a rank whose share is 0 reads nothing
         for batch in reader:
@@ -333,32 +326,50 @@ def _take(reader: _Reader, num_samples: int | None, held_out: bool = False) -> l
         where = f" asks this rank for {share} of them (over {world} ranks)," if world > 1 else ","
         if held_out:
             raise UsageError(
-                f"The gamma search judges each step on num_samples={num_samples} training examples after the init "
-                f"samples, held out from the gradient{where} but the batches hold only {have} more; pass more "
+                f"The gamma search judges each step on init_samples={init_samples} training examples after the "
+                f"init samples, held out from the gradient{where} but the batches hold only {have} more; pass more "
                 "batches, or search_batches=... (search_batches=batches: on the init samples themselves)."
             )
         raise UsageError(
-            f"num_samples={num_samples}{where} but the batches hold only {have} examples; pass more "
-            "batches or lower num_samples (None uses every example given)."
+            f"init_samples={init_samples}{where} but the batches hold only {have} examples; pass more "
+            "batches or lower init_samples (None uses every example given)."
         )
     return samples
 
 
-def init_samples(batches: Iterable[Mapping], num_samples: int | None, device: torch.device) -> list[dict]:
-    """`estimate_gradients`' samples, as a list: this rank's share of `num_samples` examples of
-    `batches` (every example with `None`). A `UsageError` is raised on every rank alike."""
-    with raise_together(device):
-        return _take(_Reader(batches), num_samples)
+def init_and_search_samples(batches: Iterable[Mapping], init_samples: int | None, device: torch.device,
+                            search: bool = False, search_batches: Iterable[Mapping] | None = None
+                            ) -> tuple[list[dict], list[dict]]:
+    """The init samples and the gamma search's samples, read once, as lists: the one rule of
+    `get_lora_one_model` and `LoraOneCallback` (and so of the command line, whose recipes hand
+    `get_lora_one_model` the init samples followed by the search's).
 
+    The init samples are this rank's share of the first `init_samples` examples of `batches` (every
+    example with None). With `search`, the search's samples are this rank's share of the `init_samples`
+    examples that follow them in `batches`, a batch cut between the two split, so that the step is judged
+    on examples it was not fitted to; or, when given, every example of `search_batches`
+    (`search_batches=batches`: the init samples themselves). Without `search` they are empty.
 
-def init_and_held_out_samples(batches: Iterable[Mapping], num_samples: int, device: torch.device
-                              ) -> tuple[list[dict], list[dict]]:
-    """`init_samples`, then as many examples that follow them in `batches` (this rank's share of
-    `num_samples` again; a batch cut between the two is split), in one pass: the gamma search judges
-    the step on examples it was not fitted to."""
+    Raises:
+        UsageError: too few examples, or a search with `init_samples=None` and no `search_batches`; on
+            every rank alike under `torch.distributed`.
+    """
+    if search and search_batches is None and init_samples is None:
+        raise UsageError(
+            "gamma search with init_samples=None: every example of batches is an init sample, and the search "
+            "judges the step on other training examples; pass search_batches=... (search_batches=batches: on "
+            "the init samples themselves), or a number of init samples."
+        )
     with raise_together(device):
         reader = _Reader(batches)
-        return _take(reader, num_samples), _take(reader, num_samples, held_out=True)
+        samples = _take(reader, init_samples)
+        if not search:
+            return samples, []
+        if search_batches is batches:
+            return samples, samples
+        if search_batches is not None:
+            return samples, _take(_Reader(search_batches), None)
+        return samples, _take(reader, init_samples, held_out=True)
 
 
 def _shifts_labels(model: nn.Module) -> bool:
@@ -462,23 +473,10 @@ def _backward_pass(model, samples, scales, collector, device, bar, train_step) -
             bar.update(1)
 
 
-def _resolve_passes(passes, mode: str) -> int:
-    """The number of passes (`None`: the mode's default), checked."""
-    if passes is None:
-        passes = DEFAULT_SKETCH_PASSES if mode == "sketch" else 1
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise UsageError(f"passes must be an integer >= 1, got {passes!r}.")
-    if passes > 1 and mode != "sketch":
-        raise UsageError(
-            f"passes={passes} (sketch passes) needs mode='sketch'; mode={mode!r} takes its gradient in one pass."
-        )
-    return passes
-
-
-def _layer_ranks(rank, targets: Mapping[str, nn.Module], mode: str) -> dict[str, int] | None:
+def _layer_ranks(rank, targets: Mapping[str, nn.Module], grad_mode: str) -> dict[str, int] | None:
     """Each target's r for the top-r SVD of the SVD modes (None in `accumulate` mode): `rank`, or
     `rank[name]` for a mapping."""
-    if mode == "accumulate":
+    if grad_mode == "accumulate":
         return None
     if not isinstance(rank, Mapping):
         return dict.fromkeys(targets, rank)
@@ -489,23 +487,29 @@ def _layer_ranks(rank, targets: Mapping[str, nn.Module], mode: str) -> dict[str,
     return {n: rank[n] for n in targets}
 
 
+@deprecated_arguments(old_positional=("target_modules", "progress", "mode", "offload", "rank", "oversample", "seed",
+                                      "passes", "num_samples", "train_step", "cache_dir"))
 def estimate_gradients(
     model: nn.Module,
     batches: Iterable[Mapping],
-    target_modules="all-linear",
-    progress: bool = True,
-    mode: str = "accumulate",
+    *,
+    target_modules: str | Sequence[str] | None = "all-linear",
+    grad_mode: str = "accumulate",
+    sketch_passes: int | None = None,
+    init_samples: int | None = DEFAULT_INIT_SAMPLES,
     offload: bool = False,
     rank: int | Mapping[str, int] | None = None,
     oversample: int | None = None,
     seed: int = 0,
-    passes: int | None = None,
-    num_samples: int | None = DEFAULT_NUM_SAMPLES,
+    grad_cache: str | os.PathLike | GradientCache | None = None,
     train_step: TrainStep | None = None,
-    cache_dir: str | os.PathLike | GradientCache | None = None,
+    show_progress_bar: bool = True,
 ) -> dict[str, torch.Tensor | TopSVD]:
-    """`d L / dW` for every target `nn.Linear`, `L` the mean loss over all loss terms of the
-    `num_samples` examples (of all ranks) read from `batches` (see the module docstring).
+    """Step 1: `dL/dW` for every target `nn.Linear`, `L` the mean loss over all loss terms of the
+    `init_samples` examples (of all ranks) read from `batches` (see the module docstring).
+
+    The settings it shares with `get_lora_one_model` have the names of `LoraOneConfig`'s fields and are
+    checked by the same functions.
 
     Args:
         model: a transformers model, or a `PeftModel` (then the targets are the base layers of its LoRA
@@ -515,67 +519,73 @@ def estimate_gradients(
             a generator. Under `torch.distributed`, each rank passes its own.
         target_modules: what PEFT's `LoraConfig.target_modules` accepts, matched as PEFT matches it
             (`None`: PEFT's default for the architecture); `"all-linear"` by default.
-        mode: `accumulate` (default), `single-batch` or `sketch`, see the module docstring.
-        offload: `accumulate` mode keeps its fp32 accumulators on CPU.
-        rank, oversample, seed: the top-`rank` SVD of `single-batch` and `sketch` modes (one int, or
-            `{layer name: r}` for every target, as PEFT's `rank_pattern` gives layers their own r), the
-            sketch's oversampling (`k = r + oversample`, default `3 * r`) and the test matrices' seed.
-        passes: `sketch` mode's passes over the samples (default `DEFAULT_SKETCH_PASSES` = 2); each
+        grad_mode: `accumulate` (default), `single-batch` or `sketch`, see the module docstring.
+        sketch_passes: `sketch` mode's passes over the samples (None: `DEFAULT_SKETCH_PASSES`); each
             further pass is another forward and backward over all of them and sharpens the top-r
-            subspace (README: sketch accuracy). Other modes take one.
-        num_samples: the number of examples used, over all ranks (default 8, the reference's N). Each
-            rank reads its share (`num_samples // world`, the first `num_samples % world` ranks one
+            subspace (docs/scaling.md#memory-modes). Other modes take one.
+        init_samples: the number of examples used, over all ranks (default 8, the reference's N). Each
+            rank reads its share (`init_samples // world`, the first `init_samples % world` ranks one
             more) from its own `batches` and stops there, slicing the last batch if it straddles the
-            boundary; too few is an error. `None`: every example of `batches` (for callers that built
-            exactly the init batches).
+            boundary. None: every example of `batches` (for callers that built exactly the init batches).
+        offload: `accumulate` mode keeps its fp32 accumulators on CPU.
+        rank: the r of the top-r SVD that `single-batch` and `sketch` modes return: one int, or
+            `{layer name: r}` for every target (as PEFT's `rank_pattern` gives layers their own r).
+        oversample: the sketch's oversampling, `k = r + oversample` (None: `3 * r`).
+        seed: the seed of the sketch's test matrices and of `single-batch` mode's randomised SVD.
+        grad_cache: a folder (or a `GradientCache`, whose `last` then says whether this call hit): the
+            result is read from there when an entry with the same key exists (the backward skipped), else
+            computed and stored (`lora_one.core.gradcache`: key, checks, ranks). Under `torch.distributed`
+            every rank passes the same folder. Not with `train_step`.
         train_step: `train_step(model, batch) -> loss` replaces `model(**batch).loss` (the batch is on
             the model's device), so that `G` is the gradient of your own loss. The loss is taken as the
             batch's mean over its loss terms (counted as above; one per example for a batch without
             `labels`, which is then allowed) and weighted like the model's.
-        cache_dir: a folder (or a `GradientCache`, whose `last` then says whether this call hit): the
-            result is read from there when an entry with the same key exists (the backward skipped), else
-            computed and stored (`lora_one.core.gradcache`: key, checks, ranks). Under `torch.distributed`
-            every rank passes the same folder. Not with `train_step`.
+        show_progress_bar: print the sample count and show a progress bar (on the main process).
 
     Returns:
         `{module name: G}` (fp32, `(out, in)`) in `accumulate` mode, `{module name: TopSVD of G}`
         otherwise. Names are those of the base model's `named_modules()`.
+
+    Raises:
+        UsageError: a bad setting; too few examples, a batch without labels (and no `train_step`), a
+            non-finite loss or a layer the loss never reaches; sharded or quantised target weights that
+            the mode cannot take a gradient of. Under `torch.distributed`, on every rank alike.
     """
-    if mode not in MODES:
-        raise UsageError(f"Unknown gradient mode {mode!r}; use one of {', '.join(MODES)}.")
-    if mode != "accumulate" and not rank:
-        raise UsageError(f"mode={mode!r} needs the LoRA rank (rank=r) to size its SVD.")
-    passes = _resolve_passes(passes, mode)
-    if cache_dir is not None and train_step is not None:
+    check_grad_mode(grad_mode)
+    if grad_mode != "accumulate" and not rank:
+        raise UsageError(f"grad_mode={grad_mode!r} needs the LoRA rank (rank=r) to size its SVD.")
+    sketch_passes = resolve_sketch_passes(sketch_passes, grad_mode)
+    check_init_samples(init_samples)
+    if grad_cache is not None and train_step is not None:
         raise UsageError(
-            "cache_dir with train_step: a cache entry cannot tell one loss function from another, so it could "
-            "hand back another loss's gradient; drop cache_dir (or train_step)."
+            "grad_cache with train_step: a cache entry cannot tell one loss function from another, so it could "
+            "hand back another loss's gradient; drop grad_cache (or train_step)."
         )
-    cache = cache_dir if isinstance(cache_dir, GradientCache) or cache_dir is None else GradientCache(cache_dir)
+    cache = grad_cache if isinstance(grad_cache, GradientCache) or grad_cache is None else GradientCache(grad_cache)
     targets = find_target_linears(model, target_modules)
-    layer_ranks = _layer_ranks(rank, targets, mode)
+    layer_ranks = _layer_ranks(rank, targets, grad_mode)
     weights = {name: module.weight for name, module in targets.items()}
     _refuse_sharded_weights(model, weights)
-    if mode != "sketch":
+    if grad_mode != "sketch":
         for name, w in weights.items():
             if not w.dtype.is_floating_point:
                 raise UsageError(
                     f"Layer {name!r} stores its weight as {w.dtype}, which cannot take a gradient (a "
-                    "quantised base?). Use mode='sketch', which needs no weight gradient, or load the "
+                    "quantised base?). Use grad_mode='sketch', which needs no weight gradient, or load the "
                     "model in float32/bfloat16."
                 )
     device = next(iter(weights.values())).device
-    collector_cls = {"accumulate": _Accumulate, "single-batch": _SingleBatch, "sketch": _Sketch}[mode]
+    collector_cls = {"accumulate": _Accumulate, "single-batch": _SingleBatch, "sketch": _Sketch}[grad_mode]
 
     shifted = _shifts_labels(model)
     with raise_together(device):
-        samples = _take(_Reader(batches), num_samples)
+        samples = _take(_Reader(batches), init_samples)
         terms = [_loss_terms(b, shifted, train_step) for b in samples]
         if collector_cls.reduces_in_backward and len(samples) != 1:
             raise UsageError(
-                f"mode={mode!r} needs exactly one micro-batch per rank, holding all of its init samples; "
+                f"grad_mode={grad_mode!r} needs exactly one micro-batch per rank, holding all of its init samples; "
                 f"this rank has {len(samples)}. Give every rank one batch (raise the batch size), or use "
-                "mode='accumulate' or 'sketch'."
+                "grad_mode='accumulate' or 'sketch'."
             )
     local = [sum(terms), sum(examples_in(b) for b in samples), len(samples)]
     # exact counts on the CPU (MPS has no float64), summed over the ranks on the model's device
@@ -585,13 +595,13 @@ def estimate_gradients(
         raise UsageError("No batches were given: the one-step gradient needs at least one training example.")
     if n_terms == 0:
         raise UsageError("The init samples have nothing to predict: every label is -100. Check the data and labels.")
-    if progress and is_main_process():
+    if show_progress_bar and is_main_process():
         ranks = f" over {world_size()} processes" if world_size() > 1 else ""
         print(f"one-step gradient: {n_examples} samples, {n_terms} loss terms, {n_batches} micro-batches{ranks}",
               flush=True)
     scales = [t / n_terms for t in terms]
     if cache is not None:
-        fields = key_fields(model, targets, samples, mode, seed, oversample, passes)
+        fields = key_fields(model, targets, samples, grad_mode, seed, oversample, sketch_passes)
         cached = cache.lookup(fields, layer_ranks, targets, offload)
         if cached is not None:
             return cached
@@ -600,12 +610,13 @@ def estimate_gradients(
         collector = collector_cls(targets, offload=offload, ranks=layer_ranks, seed=seed,
                                   oversample=oversample, model=model)
         try:
-            for p in range(1, passes + 1):
+            for p in range(1, sketch_passes + 1):
                 if p > 1:
                     collector.next_pass()
-                desc = f"one-step gradient ({mode}" + (f", pass {p}/{passes})" if passes > 1 else ")")
+                desc = f"one-step gradient ({grad_mode}" + (f", pass {p}/{sketch_passes})" if sketch_passes > 1
+                                                             else ")")
                 with tqdm(total=len(samples), desc=desc, unit="batch",
-                          disable=not (progress and is_main_process())) as bar:
+                          disable=not (show_progress_bar and is_main_process())) as bar:
                     _backward_pass(model, samples, scales, collector, device, bar, train_step)
         finally:
             for h in collector.handles:

@@ -1,26 +1,25 @@
 """Step 2 of LoRA-One: write the LoRA factors of a PEFT model from the one-step gradients.
 
 The two-phase API follows PEFT's data-driven inits: `estimate_gradients` (step 1), then
-`init_lora_one` (step 2); `get_lora_one_model` does both. `lora-ga` and `pissa` run PEFT's own
-implementations behind the same front door; `lora` is PEFT's default init.
+`init_lora_one` (step 2); `get_lora_one_model` does both, with its settings in a `LoraOneConfig`.
+`lora-ga` and `pissa` run PEFT's own implementations behind the same front door; `lora` is PEFT's
+default init.
 
 `gamma="auto"` (or a list of values) chooses the step by a line search (`search_gamma`): the loss of the
 step-0 model at each gamma of a log grid, forward passes only, on as many training examples as the init
 used, the ones that follow the init samples (held out from the gradient: on the init samples themselves
-the fitted step looks better than it is, and larger steps win; benchmarks/results/gamma_auto.txt); the
-lowest wins. Every factor of `lora-one` and `spectral` is `gamma**-1/2` times a matrix of the SVD alone,
-so one SVD serves the whole grid.
+the fitted step looks better than it is, and larger steps win: docs/gamma.md); the lowest wins. Every
+factor of `lora-one` and `spectral` is `gamma**-1/2` times a matrix of the SVD alone, so one SVD serves
+the whole grid.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from numbers import Real
 
 import torch
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model
@@ -28,32 +27,29 @@ from peft.utils import NoMatchingPeftModuleError
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
+from lora_one.core.config import (
+    LoraOneConfig,
+    as_config,
+    check_svd,
+    check_variant,
+    gamma_grid,
+    resolve_sketch_passes,
+)
+from lora_one.core.constants import (
+    BASE_CHANGING_VARIANTS,
+    DEFAULT_GAMMA,
+    GRADIENT_VARIANTS,
+    NEEDS_GRADIENT,
+)
+from lora_one.core.deprecation import deprecated_arguments
 from lora_one.core.errors import UsageError
 from lora_one.core.gradcache import GradientCache, hash_batches
-from lora_one.core.gradients import (
-    DEFAULT_NUM_SAMPLES,
-    DEFAULT_SKETCH_PASSES,
-    TrainStep,
-    estimate_gradients,
-    examples_in,
-    init_and_held_out_samples,
-    init_samples,
-    loss_sum,
-)
+from lora_one.core.gradients import TrainStep, estimate_gradients, examples_in, init_and_search_samples, loss_sum
 from lora_one.core.parallel import all_reduce_sum, raise_together, world_size
 from lora_one.core.save import guard_original_base
 from lora_one.core.targets import lora_layers
-from lora_one.linalg.spectral import (
-    BASE_CHANGING_VARIANTS,
-    GRADIENT_VARIANTS,
-    VARIANTS,
-    TopSVD,
-    check_rank,
-    lora_factors_and_spectrum,
-    top_svd,
-)
+from lora_one.linalg.spectral import TopSVD, check_rank, lora_factors_and_spectrum, top_svd
 
-NEEDS_GRADIENT = GRADIENT_VARIANTS + ("lora-ga",)
 NORMALISATION = {
     "lora-one": "1 / (gamma * sigma_1)",
     "spectral": "1 / gamma",
@@ -62,14 +58,6 @@ NORMALISATION = {
     "pissa": "PEFT pissa",
     "lora": "PEFT default",
 }
-# The variants whose step-0 model moves with gamma, so that a loss can choose it.
-GAMMA_SEARCH_VARIANTS = ("lora-one", "spectral")
-DEFAULT_GAMMA_GRID = tuple(2.0**k for k in range(3, 14))  # 8, 16, ..., 8192; factor 2 apart; holds 128
-
-
-def check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise UsageError(f"Unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
 
 
 def _normalise_name(name: str) -> str:
@@ -116,23 +104,42 @@ def _subtract_adapter(layer, adapter: str, variant: str) -> None:
     base.weight.copy_((base.weight.float() - delta).to(base.weight.dtype))
 
 
+@deprecated_arguments(old_positional=("variant", "gamma", "svd", "seed", "adapter_name"))
 @torch.no_grad()
 def init_lora_one(
     peft_model: PeftModel,
     gradients: Mapping[str, torch.Tensor | TopSVD] | None,
+    *,
     variant: str = "lora-one",
-    gamma: float = 128.0,
+    gamma: float = DEFAULT_GAMMA,
     svd: str = "randomized",
     seed: int = 0,
     adapter_name: str | None = None,
 ) -> list[dict]:
-    """Overwrite `lora_A`/`lora_B` of every LoRA layer with `variant`'s step-0 factors.
+    """Step 2: overwrite `lora_A`/`lora_B` of every LoRA layer with `variant`'s step-0 factors.
 
-    `gradients` maps layer names (as `estimate_gradients` returns them) to `G = dL/dW` or its top-r
-    SVD (`single-batch` and `sketch` modes; `lora-ga` needs the full `G`); `pissa` and `lora` need
-    none. Variants in `BASE_CHANGING_VARIANTS` also rewrite the base weight so that the model's
-    function is unchanged at step 0. Returns per-layer statistics: `sigma_1` of `-G` (for the gradient
-    variants) and the relative update `||s B A||_F / ||W||_F` (None for a quantised layer).
+    Variants in `BASE_CHANGING_VARIANTS` also rewrite the base weight so that the model's function is
+    unchanged at step 0. The settings are `LoraOneConfig`'s fields of the same names.
+
+    Args:
+        peft_model: the PEFT model whose LoRA layers are written, each at its own r.
+        gradients: `{layer name: G}` as `estimate_gradients` returns it, `G = dL/dW` or its top-r SVD
+            (`single-batch` and `sketch` modes; `lora-ga` needs the full `G`); `pissa` and `lora` need
+            none (None).
+        variant: the step-0 factors (`lora_one.VARIANTS`).
+        gamma: the init step, one positive number (`search_gamma` chooses one from a grid).
+        svd: `randomized` or `exact`, the top-r SVD of a full `G`.
+        seed: the seed of the randomised SVD and of PEFT's own inits.
+        adapter_name: the adapter to write (default: the active one).
+
+    Returns:
+        Per-layer statistics, one dict per LoRA layer: `layer`, `shape`, `sigma_1` of `-G` (for the
+        gradient variants, else None) and the relative update `||s B A||_F / ||W||_F` (None for a
+        quantised layer).
+
+    Raises:
+        UsageError: a bad setting, a gamma grid instead of one gamma, a LoRA layer without a gradient
+            (or with only its SVD for `lora-ga`), a rank larger than a layer.
     """
     check_variant(variant)
     if gamma_grid(gamma, variant) is not None:
@@ -140,6 +147,7 @@ def init_lora_one(
             f"init_lora_one takes one gamma, not {gamma!r}: get_lora_one_model searches it for you, or pass "
             "search_gamma(...)['chosen']."
         )
+    check_svd(svd)
     adapter = adapter_name or peft_model.active_adapter
     layers, grads = _checked_gradients(peft_model, gradients, variant, adapter)
 
@@ -205,48 +213,9 @@ def _checked_gradients(peft_model: PeftModel, gradients, variant: str, adapter: 
         if variant == "lora-ga" and not isinstance(grads[name], torch.Tensor):
             raise UsageError(
                 "lora-ga runs PEFT's own implementation, which needs the full gradient; estimate it "
-                "with mode='accumulate'."
+                "with grad_mode='accumulate'."
             )
     return layers, grads
-
-
-def gamma_grid(gamma, variant: str) -> tuple[float, ...] | None:
-    """The grid that `gamma` asks to search (`"auto"`: `DEFAULT_GAMMA_GRID`; a sequence: its values,
-    sorted), or None for one number; checked, and refused for a variant whose step-0 model does not
-    depend on gamma."""
-    if isinstance(gamma, Real) and not isinstance(gamma, bool):
-        if not (gamma > 0 and math.isfinite(gamma)):
-            raise UsageError(f"gamma must be a positive number, got {gamma}.")
-        return None
-    if isinstance(gamma, str):
-        if gamma != "auto":
-            raise UsageError(f"gamma={gamma!r}: give a positive number, 'auto' (a line search), or a list of numbers.")
-        grid = DEFAULT_GAMMA_GRID
-    elif isinstance(gamma, Sequence) and gamma and all(isinstance(g, Real) and not isinstance(g, bool) for g in gamma):
-        if not all(g > 0 and math.isfinite(g) for g in gamma):
-            raise UsageError(f"gamma={list(gamma)}: every value of a gamma grid must be a positive number.")
-        grid = tuple(sorted({float(g) for g in gamma}))
-    else:
-        raise UsageError(f"gamma={gamma!r}: give a positive number, 'auto' (a line search), or a list of numbers.")
-    if variant not in GAMMA_SEARCH_VARIANTS:
-        why = ("its step-0 model is the base model whatever gamma (the adapter is subtracted from the base "
-               "weight), so no loss can choose it" if variant in NEEDS_GRADIENT else "it takes no gamma")
-        raise UsageError(f"gamma={gamma!r} searches the step of {' and '.join(GAMMA_SEARCH_VARIANTS)}; for "
-                         f"{variant} {why}: pass a number (e.g. gamma=128).")
-    return grid
-
-
-def parse_gamma(text: str) -> float | str | tuple[float, ...]:
-    """A `--gamma` value: a number, `auto`, or numbers separated by commas (a grid to search)."""
-    text = text.strip()
-    if text == "auto":
-        return text
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"--gamma {text!r}: give a positive number, auto, or numbers separated by commas "
-                         "(e.g. 32,64,128,256).") from None
-    return values[0] if len(values) == 1 else values
 
 
 def _top_svds(layers: Mapping, grads: Mapping, svd: str, seed: int, adapter: str) -> dict[str, TopSVD]:
@@ -256,11 +225,13 @@ def _top_svds(layers: Mapping, grads: Mapping, svd: str, seed: int, adapter: str
             for name, g in grads.items() if name in layers}
 
 
+@deprecated_arguments(old_positional=("variant", "grid", "svd", "seed", "adapter_name", "train_step"))
 @torch.no_grad()
 def search_gamma(
     peft_model: PeftModel,
     gradients: Mapping[str, torch.Tensor | TopSVD],
     batches: list[Mapping],
+    *,
     variant: str = "lora-one",
     grid: Sequence[float] | str = "auto",
     svd: str = "randomized",
@@ -268,16 +239,34 @@ def search_gamma(
     adapter_name: str | None = None,
     train_step: TrainStep | None = None,
 ) -> dict:
-    """The line search of `gamma="auto"`: for each gamma of `grid` (`"auto"`: `DEFAULT_GAMMA_GRID`), the
-    loss of the step-0 model that `init_lora_one` would write (DoRA's magnitude reset too), on `batches`
-    (training examples held out from the gradient, as `get_lora_one_model` takes them; this rank's own
-    under `torch.distributed`): forward passes only, in eval mode, the loss `estimate_gradients`
-    differentiates (the mean over all loss terms, of all ranks; `train_step` as there).
+    """The line search of `gamma="auto"`: for each gamma of `grid`, the loss of the step-0 model that
+    `init_lora_one` would write (DoRA's magnitude reset too), on `batches`: forward passes only, in eval
+    mode, the loss `estimate_gradients` differentiates (the mean over all loss terms, of all ranks).
 
-    Returns `{"grid", "losses", "loss_without_step", "chosen", "samples", "samples_sha256", "seconds"}`:
-    `chosen` has the lowest loss (a non-finite loss, recorded as None, never wins); `loss_without_step`
-    is the base model's; `samples` counts the examples over all ranks. The adapter is left as it was
-    found. Warns when the lowest loss lies at an end of the grid, or above the loss without a step."""
+    The adapter is left as it was found. Warns when the lowest loss lies at an end of the grid, or above
+    the loss without a step.
+
+    Args:
+        peft_model: the PEFT model whose adapter the search tries (and restores).
+        gradients: `{layer name: G or its top-r SVD}`, as for `init_lora_one`.
+        batches: the examples the step is judged on: training examples held out from the gradient, as
+            `get_lora_one_model` takes them; this rank's own under `torch.distributed`.
+        variant: `lora-one` or `spectral`, whose step-0 model moves with gamma.
+        grid: `"auto"` (`DEFAULT_GAMMA_GRID`) or the gamma values to try.
+        svd: `randomized` or `exact`, the top-r SVD of a full `G` (taken once for the whole grid).
+        seed: the seed of the randomised SVD.
+        adapter_name: the adapter to try (default: the active one).
+        train_step: the loss, as `estimate_gradients` takes it.
+
+    Returns:
+        `{"grid", "losses", "loss_without_step", "chosen", "samples", "samples_sha256", "seconds"}`:
+        `chosen` has the lowest loss (a non-finite loss, recorded as None, never wins);
+        `loss_without_step` is the base model's; `samples` counts the examples over all ranks.
+
+    Raises:
+        UsageError: a grid that is one number or a variant gamma does not move, samples with nothing
+            to predict, a non-finite loss at every gamma.
+    """
     t0 = time.perf_counter()
     grid = gamma_grid(grid, variant)
     if grid is None:
@@ -313,29 +302,31 @@ def search_gamma(
     if not finite:
         raise UsageError(f"Every gamma of the grid {list(grid)} gives a non-finite loss; try larger values.")
     best, chosen = min(finite)  # ties, which only exact round-off makes, go to the smaller gamma
+    caller = 4  # past torch.no_grad's and deprecated_arguments' wrappers
     if len(grid) > 1 and chosen in (grid[0], grid[-1]):
         side = "smallest (the largest step)" if chosen == grid[0] else "largest (the smallest step)"
         warnings.warn(f"gamma search: the lowest loss is at the grid's {side} gamma {chosen:g}; the best gamma may "
-                      "lie beyond it: pass a grid that reaches further (gamma=[...]).", stacklevel=3)
+                      "lie beyond it: pass a grid that reaches further (gamma=[...]).", stacklevel=caller)
     if without_step is not None and best >= without_step:
         warnings.warn(f"gamma search: no gamma of the grid lowers the loss below the model's without a step "
-                      f"({best:.4g} >= {without_step:.4g}).", stacklevel=3)
+                      f"({best:.4g} >= {without_step:.4g}).", stacklevel=caller)
     local = torch.tensor([sum(examples_in(b) for b in batches)])
     return {"grid": list(grid), "losses": losses, "loss_without_step": without_step, "chosen": chosen,
             "samples": int(all_reduce_sum(local, device).item()), "samples_sha256": hash_batches(batches),
             "seconds": round(time.perf_counter() - t0, 4)}
 
 
-def initialise_adapter(peft_model: PeftModel, gradients, variant: str, gamma, svd: str, seed: int, adapter: str,
+def _factors_at_chosen_gamma(peft_model: PeftModel, gradients, config: LoraOneConfig, adapter: str,
                        batches: list[Mapping], train_step: TrainStep | None) -> tuple[list[dict], float, dict | None]:
-    """`init_lora_one` at `gamma`, or at the gamma `search_gamma` picks on `batches` when `gamma` asks for
+    """`init_lora_one` at `config.gamma`, or at the gamma `search_gamma` picks on `batches` when it asks for
     a search (one SVD for both). Returns the layer statistics, the gamma used and the search's record."""
-    if gamma_grid(gamma, variant) is None:
-        return init_lora_one(peft_model, gradients, variant, gamma, svd, seed, adapter), gamma, None
-    layers, grads = _checked_gradients(peft_model, gradients, variant, adapter)
-    svds = _top_svds(layers, grads, svd, seed, adapter)
-    search = search_gamma(peft_model, svds, batches, variant, gamma, svd, seed, adapter, train_step)
-    return init_lora_one(peft_model, svds, variant, search["chosen"], svd, seed, adapter), search["chosen"], search
+    settings = {"variant": config.variant, "svd": config.svd, "seed": config.seed, "adapter_name": adapter}
+    if gamma_grid(config.gamma, config.variant) is None:
+        return init_lora_one(peft_model, gradients, gamma=config.gamma, **settings), config.gamma, None
+    layers, grads = _checked_gradients(peft_model, gradients, config.variant, adapter)
+    svds = _top_svds(layers, grads, config.svd, config.seed, adapter)
+    search = search_gamma(peft_model, svds, batches, grid=config.gamma, train_step=train_step, **settings)
+    return init_lora_one(peft_model, svds, gamma=search["chosen"], **settings), search["chosen"], search
 
 
 def lora_one_state(peft_model: PeftModel) -> dict:
@@ -396,7 +387,7 @@ def _wrap(model: nn.Module, lora_config: LoraConfig, adapter_name: str, seed: in
         raise UsageError(f"PEFT cannot wrap {name} with this LoraConfig: {e}") from None
 
 
-def step0_gradients(peft_model: PeftModel, batches: Iterable[Mapping], adapter: str, **kwargs
+def _step0_gradients(peft_model: PeftModel, batches: Iterable[Mapping], adapter: str, **kwargs
                     ) -> dict[str, torch.Tensor | TopSVD]:
     """`estimate_gradients(peft_model, batches, **kwargs)` for the init of `adapter`: the targets are its
     LoRA layers, which PEFT chose from the whole `LoraConfig`, each SVD of the layer's own r
@@ -416,84 +407,89 @@ def step0_gradients(peft_model: PeftModel, batches: Iterable[Mapping], adapter: 
             p.requires_grad_(flag)
 
 
+def init_adapter(peft_model: PeftModel, adapter: str, config: LoraOneConfig, batches: Iterable[Mapping] | None,
+                 search_batches: Iterable[Mapping] | None, train_step: TrainStep | None,
+                 show_progress_bar: bool) -> dict:
+    """The LoRA-One init of `adapter` of a wrapped model, as `get_lora_one_model` and `LoraOneCallback` run
+    it: the samples (`init_and_search_samples`; none when `batches` is None), the one-step gradient of its
+    LoRA layers (`_step0_gradients`), the factors (`_factors_at_chosen_gamma`). Returns the sidecar's metadata."""
+    device = next(peft_model.parameters()).device  # NCCL reduces on the GPU
+    searching = gamma_grid(config.gamma, config.variant) is not None
+    # taken once, so that the sidecar records exactly the samples of the gradient
+    samples, held_out = ([], []) if batches is None else init_and_search_samples(
+        batches, config.init_samples, device, searching, search_batches)
+    cache = GradientCache(config.grad_cache) if config.grad_cache is not None else None
+    t0 = time.perf_counter()
+    gradients = None
+    if config.variant in NEEDS_GRADIENT:
+        gradients = _step0_gradients(
+            peft_model, samples, adapter, grad_mode=config.grad_mode, sketch_passes=config.sketch_passes,
+            init_samples=None, offload=config.offload, seed=config.seed, grad_cache=cache, train_step=train_step,
+            show_progress_bar=show_progress_bar,
+        )
+    t1 = time.perf_counter()
+    stats, gamma, search = _factors_at_chosen_gamma(peft_model, gradients, config, adapter, held_out, train_step)
+    svd_seconds = time.perf_counter() - t1 - (search["seconds"] if search else 0.0)
+    return _init_metadata(config, gamma, samples, device, t1 - t0, svd_seconds, stats, gamma_search=search,
+                         gradient_cache=cache.last if cache else None)
+
+
+@deprecated_arguments(old_positional=("variant", "gamma", "svd", "seed", "adapter_name", "progress", "grad_mode",
+                                      "offload", "sketch_passes", "num_samples", "train_step", "cache_dir",
+                                      "search_batches"), into_config=True)
 def get_lora_one_model(
     model: nn.Module,
     lora_config: LoraConfig,
     batches: Iterable[Mapping] | None,
-    variant: str = "lora-one",
-    gamma: float | str | Sequence[float] = 128.0,
-    svd: str = "randomized",
-    seed: int = 0,
-    adapter_name: str = "default",
-    progress: bool = True,
-    grad_mode: str = "accumulate",
-    offload: bool = False,
-    sketch_passes: int | None = None,
-    num_samples: int | None = DEFAULT_NUM_SAMPLES,
-    train_step: TrainStep | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    *,
+    config: LoraOneConfig | None = None,
     search_batches: Iterable[Mapping] | None = None,
+    train_step: TrainStep | None = None,
+    adapter_name: str = "default",
+    show_progress_bar: bool = True,
 ) -> PeftModel:
     """Wrap `model` with PEFT, estimate the one-step gradient on `batches`, initialise the adapter.
 
     PEFT's wrapping decides everything the `LoraConfig` says: which layers (`target_modules` or PEFT's
     default for the architecture, `exclude_modules`, `layers_to_transform`), each layer's r and scale
-    (`rank_pattern`, `alpha_pattern`); only those layers take a gradient (`step0_gradients`), in
-    `grad_mode` (`accumulate`, `single-batch` or `sketch`, see `estimate_gradients`; `sketch_passes` is
-    its `passes`, default 2) on `num_samples` examples of `batches` over all ranks (default 8; `None`:
-    all of them) and with `train_step`, both as `estimate_gradients` takes them. Under
-    `torch.distributed`, each rank passes its own batches and gets the same adapter.
-    `gamma="auto"` (or a list of values) picks gamma by `search_gamma` (`lora-one`, `spectral`) on
-    `search_batches`, by default the `num_samples` examples that follow the init samples in `batches`
-    (read in the same pass; `search_batches=batches` searches on the init samples themselves).
-    `cache_dir`: a folder where the gradient is stored, and read back by a later call with the same
-    model, samples and gradient settings, skipping the backward (`lora_one.core.gradcache`).
-    The returned `PeftModel` carries `lora_one_metadata` (what `save_adapter` writes to the sidecar).
-    The LoRA-One variants expect `use_rslora=True` (the spec's default) and warn without it. On an error
-    the model is handed back without LoRA layers.
+    (`rank_pattern`, `alpha_pattern`); only those layers take a gradient. Under `torch.distributed`,
+    each rank passes its own batches and gets the same adapter. The LoRA-One variants expect
+    `use_rslora=True` (the spec's default) and warn without it.
+
+    Args:
+        model: any transformers model whose forward returns a `.loss` (or see `train_step`).
+        lora_config: PEFT's `LoraConfig`; its `init_lora_weights` is replaced by the init.
+        batches: model-input dicts with `labels`, e.g. a DataLoader (shuffling or not) or a generator:
+            `config.init_samples` examples are read (over all ranks), and with a gamma search as many
+            after them, on which the search judges the step. None for the variants without a gradient
+            (`pissa`, `lora`).
+        config: the init's settings (`LoraOneConfig`; None: its defaults).
+        search_batches: the examples a gamma search judges the step on, instead of those after the init
+            samples (`search_batches=batches`: the init samples themselves).
+        train_step: `train_step(model, batch) -> loss` replaces `model(**batch).loss`, as in
+            `estimate_gradients`.
+        adapter_name: the name of the adapter PEFT makes.
+        show_progress_bar: print the sample count and show the gradient's progress bar.
+
+    Returns:
+        The `PeftModel`, its adapter at LoRA-One's step-0 factors. It carries `lora_one_metadata`
+        (what `save_adapter` writes to the sidecar `lora_one.json`).
+
+    Raises:
+        UsageError: PEFT cannot wrap the model with `lora_config`, too few examples, a batch without
+            labels, a layer the loss never reaches, a gamma search without examples to judge on. On an
+            error the model is handed back without LoRA layers.
     """
-    check_variant(variant)
-    searching = gamma_grid(gamma, variant) is not None  # a bad gamma fails before any work
-    if searching and search_batches is None and num_samples is None:
-        raise UsageError(
-            "gamma search with num_samples=None: every example of batches is an init sample, and the search "
-            "judges the step on other training examples; pass search_batches=... (search_batches=batches: on the "
-            "init samples themselves), or a number of init samples."
-        )
-    warn_without_rslora(variant, lora_config.use_rslora, stacklevel=3)
-    device = next(model.parameters()).device  # NCCL reduces on the GPU
-    peft_model = _wrap(model, lora_config, adapter_name, seed)
+    config = as_config(config)
+    warn_without_rslora(config.variant, lora_config.use_rslora, stacklevel=4)  # the caller, past the decorator
+    peft_model = _wrap(model, lora_config, adapter_name, config.seed)
     try:
         _checked_layers(peft_model, adapter_name)  # each layer's own r, before any work
-        # taken once, so that the sidecar records exactly the samples of the gradient
-        if batches is None:
-            batches = []
-        elif searching and search_batches is None:  # the examples after the init samples, held out from G
-            batches, search_batches = init_and_held_out_samples(batches, num_samples, device)
-        else:
-            on_init_samples = search_batches is batches
-            batches = init_samples(batches, num_samples, device)
-            if searching:
-                search_batches = batches if on_init_samples else init_samples(search_batches, None, device)
-        gradients, cache = None, GradientCache(cache_dir) if cache_dir is not None else None
-        t0 = time.perf_counter()
-        if variant in NEEDS_GRADIENT:
-            gradients = step0_gradients(
-                peft_model, batches, adapter_name, progress=progress, mode=grad_mode, offload=offload, seed=seed,
-                passes=sketch_passes, num_samples=None, train_step=train_step, cache_dir=cache,
-            )
-        grad_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        stats, gamma, search = initialise_adapter(peft_model, gradients, variant, gamma, svd, seed, adapter_name,
-                                                  search_batches, train_step)
+        peft_model.lora_one_metadata = init_adapter(peft_model, adapter_name, config, batches, search_batches,
+                                                    train_step, show_progress_bar)
     except BaseException:
         peft_model.unload()  # the model as it came, without LoRA layers
         raise
-    svd_seconds = time.perf_counter() - t1 - (search["seconds"] if search else 0.0)
-    peft_model.lora_one_metadata = init_metadata(
-        variant, gamma, svd, grad_mode, sketch_passes, seed, batches, device, grad_seconds, svd_seconds, stats,
-        gamma_search=search, gradient_cache=cache.last if cache else None,
-    )
     return peft_model
 
 
@@ -509,31 +505,32 @@ def warn_without_rslora(variant: str, use_rslora: bool, stacklevel: int = 2) -> 
         )
 
 
-def init_metadata(variant: str, gamma: float, svd: str, grad_mode: str, sketch_passes: int | None, seed: int,
-                  batches: list[Mapping], device, gradient_seconds: float, svd_seconds: float,
-                  stats: list[dict], gamma_search: dict | None = None, gradient_cache: dict | None = None) -> dict:
-    """What the sidecar records about an init (`batches`: this rank's init samples; the counts are summed
-    over the ranks; `gamma`: the one used, `gamma_search`: `search_gamma`'s record when it chose it;
-    `gradient_cache`: `GradientCache.last`)."""
+def _init_metadata(config: LoraOneConfig, gamma: float, batches: list[Mapping], device, gradient_seconds: float,
+                  svd_seconds: float, stats: list[dict], gamma_search: dict | None = None,
+                  gradient_cache: dict | None = None) -> dict:
+    """What the sidecar records about an init: the config as given, and what the init made of it
+    (`gamma`: the one used, `gamma_search`: `search_gamma`'s record when it chose it; `batches`: this
+    rank's init samples, whose counts are summed over the ranks; `gradient_cache`: `GradientCache.last`)."""
     local = torch.tensor([sum(examples_in(b) for b in batches), len(batches)])
     n_samples, n_batches = all_reduce_sum(local, device).tolist()  # over the ranks' shards
+    grad_mode = config.grad_mode
     return {
-        "variant": variant,
+        "config": config.as_json(),
+        "variant": config.variant,
         "gamma": gamma,
-        "normalisation": NORMALISATION[variant],
-        "svd": svd if grad_mode == "accumulate" else f"{grad_mode} (top-r SVD in the gradient phase)",
+        "normalisation": NORMALISATION[config.variant],
+        "svd": config.svd if grad_mode == "accumulate" else f"{grad_mode} (top-r SVD in the gradient phase)",
         "grad_mode": grad_mode,
-        **({"sketch_passes": sketch_passes or DEFAULT_SKETCH_PASSES} if grad_mode == "sketch" else {}),
+        **({"sketch_passes": resolve_sketch_passes(config.sketch_passes, grad_mode)} if grad_mode == "sketch" else {}),
         "world_size": world_size(),
-        "seed": seed,
+        "seed": config.seed,
         "init_samples": int(n_samples),
         "init_batches": int(n_batches),
         "init_samples_sha256": hash_batches(batches),  # of this rank's shard under torch.distributed
-        "base_changed": variant in BASE_CHANGING_VARIANTS,
+        "base_changed": config.variant in BASE_CHANGING_VARIANTS,
         "gradient_seconds": round(gradient_seconds, 4),
         "svd_seconds": round(svd_seconds, 4),
         **({"gamma_search": gamma_search} if gamma_search else {}),
         **({"gradient_cache": gradient_cache} if gradient_cache else {}),
         "layers": stats,
     }
-

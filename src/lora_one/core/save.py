@@ -20,6 +20,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from lora_one.core.deprecation import deprecated_arguments
 from lora_one.core.errors import UsageError
 from lora_one.core.files import ADAPTER, staged_folder
 from lora_one.core.parallel import is_main_process
@@ -54,10 +55,10 @@ def _save_converted(peft_model: PeftModel, adapter: str, folder: Path) -> None:
     save_file({**load_file(weights), **others}, weights, metadata={"format": "pt"})
 
 
-def save_adapter(
-    peft_model: PeftModel, out_dir: str | os.PathLike, extra: dict | None = None, base_model_name: str | None = None
-) -> Path:
-    """Save a stock PEFT adapter for the UNTOUCHED base model, and the sidecar.
+@deprecated_arguments(old_positional=("extra", "base_model_name"))
+def save_adapter(peft_model: PeftModel, out_dir: str | os.PathLike, *, extra: dict | None = None,
+                 base_model_name: str | None = None) -> Path:
+    """Save a stock PEFT adapter for the UNTOUCHED base model, and the sidecar `lora_one.json`.
 
     For variants that rewrote the base weight (`lora-one-v1`, `lora-ga`, `pissa`) this is PEFT's
     converted rank-2r adapter (`path_initial_model_for_weight_conversion`), so the saved folder always
@@ -65,8 +66,21 @@ def save_adapter(
     writes. The files are written to a temporary sibling and published by `lora_one.core.files`' rules: an
     existing `out_dir` keeps every file that is not ours, and `adapter_config.json` comes last, so an
     interrupted save never leaves a folder that looks complete.
-    `base_model_name` (e.g. a Hub id) replaces the base model's local path in `adapter_config.json` and
-    the model card, so the adapter names a base that loads on another machine.
+
+    Args:
+        peft_model: the PEFT model; its active adapter is saved, with its `lora_one_metadata`.
+        out_dir: the adapter's folder (made if missing).
+        extra: more entries for the sidecar.
+        base_model_name: the base model named in `adapter_config.json` and the model card (e.g. a Hub
+            id) instead of the local path it was loaded from, so the adapter names a base that loads on
+            another machine.
+
+    Returns:
+        `out_dir` as a `Path`.
+
+    Raises:
+        UsageError: `out_dir` cannot be an output folder (a file, the home or root folder, not writable) or
+            holds a folder where a file of the adapter goes.
     """
     out = Path(out_dir)
     if not is_main_process():  # under torch.distributed every rank holds the same adapter

@@ -15,7 +15,7 @@ sides (so `k` and `l` swap places from pass to pass). With orthonormal test matr
 sides' residuals: more accurate than either side's projection alone.
 
 Accuracy depends on how fast the spectrum of `G` decays beyond rank `k` and on the number of passes:
-see `default_sizes` and the README for measured subspace errors.
+the measured subspace errors are in docs/scaling.md#memory-modes.
 """
 
 from __future__ import annotations
@@ -39,12 +39,8 @@ def default_sizes(r: int, m: int, n: int, oversample: int | None = None) -> tupl
     """`(k, l)`: range and co-range sketch sizes for a top-`r` SVD of an `(m, n)` matrix.
 
     `k = r + oversample` (default `oversample = 3 r`), `l = 2 k + 1` as Tropp et al. recommend; both
-    capped by the matrix size. Measured on SmolLM2-135M one-step gradients (N = 64, r = 8, 70 layers;
-    sigma_9 / sigma_8 ~ 0.88, a slowly decaying tail), top-8 subspace sine median / max: 2.0e-1 / 1.0
-    in one pass, 1.1e-3 / 4.5e-3 in two (the default of `estimate_gradients`), 6.9e-5 / 5.2e-4 in
-    three; relative error of the rank-r product `G_r` 3.6e-2 / 2.2e-1, 3.3e-4 / 2.6e-3 and
-    5.4e-6 / 8.0e-5 (benchmarks/results/init_cost.txt). Raising `oversample` helps one pass less than
-    a second pass does (`G_r` error 2.0e-2 at `oversample = 5r`).
+    capped by the matrix size. How accurate one, two and three passes are with these sizes on real
+    gradients is measured in docs/scaling.md#memory-modes (benchmarks/results/init_cost.txt).
     """
     check_rank((m, n), r)
     k = min(r + (3 * r if oversample is None else oversample), m, n)

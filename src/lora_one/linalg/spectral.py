@@ -13,19 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_one.core.constants import DEFAULT_GAMMA, GRADIENT_VARIANTS, SVDS
 from lora_one.core.errors import UsageError
 
-# Variants whose factors come from the one-step gradient by a formula of ours.
-GRADIENT_VARIANTS = ("lora-one", "spectral", "lora-one-v1")
-# Variants whose step-0 adapter cancels against a modified base weight.
-BASE_CHANGING_VARIANTS = ("lora-one-v1", "lora-ga", "pissa")
-VARIANTS = ("lora-one", "spectral", "lora-one-v1", "lora-ga", "pissa", "lora")
-
-# Randomised SVD defaults: q = r + max(r, MIN_OVERSAMPLE) columns, DEFAULT_NITER power iterations.
-# Even for a slowly decaying spectrum (sigma_{i+1} / sigma_i = 0.9) this keeps the top-r subspace error
-# near fp32 round-off (tests/test_spectral.py). With 8 extra columns that spectrum gave 2e-4 to 6e-4,
-# with 2 iterations up to 2.7x the 1e-4 budget; 3 iterations gave 1.5e-4 on one real SmolLM2 layer
-# (N = 8). Speed and accuracy on real gradients: benchmarks/init_cost.py, README.
+# Randomised SVD defaults: q = r + max(r, MIN_OVERSAMPLE) columns, DEFAULT_NITER power iterations: enough
+# that even a slowly decaying spectrum keeps the top-r subspace error near fp32 round-off
+# (tests/test_spectral.py checks it); speed and accuracy on real gradients: docs/measurements.md#init-cost.
 MIN_OVERSAMPLE = 16
 DEFAULT_NITER = 4
 
@@ -85,7 +78,7 @@ def top_svd(M: torch.Tensor, r: int, method: str = "randomized", seed: int = 0) 
         return randomized_svd(M, r, seed=seed)
     if method == "exact":
         return exact_svd(M, r)
-    raise UsageError(f"Unknown svd method {method!r}; use 'randomized' or 'exact'.")
+    raise UsageError(f"Unknown svd {method!r}; use one of {', '.join(SVDS)}.")
 
 
 def canonical_signs(t: TopSVD) -> TopSVD:
@@ -112,7 +105,7 @@ def lora_factors_and_spectrum(
     G: torch.Tensor | TopSVD,
     r: int,
     variant: str = "lora-one",
-    gamma: float = 128.0,
+    gamma: float = DEFAULT_GAMMA,
     svd: str = "randomized",
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,13 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_one.core.errors import UsageError
+from lora_one.core.constants import VARIANTS
 from lora_one.core.files import ADAPTER, check_out_folder, check_writable, write_text_atomic
+from lora_one.core.parallel import resolve_device
 from lora_one.core.save import SIDECAR
-from lora_one.linalg.spectral import VARIANTS
-from lora_one.recipes.data import PROMPT_RESPONSE, load_records, read_records, resolve_format
+from lora_one.recipes.constants import CLASSIFICATION, PROMPT_RESPONSE
+from lora_one.recipes.data import load_records, read_records, resolve_format
 from lora_one.recipes.evaluate import choices_of
 from lora_one.recipes.finetune import ARGS, METRICS, RESUME_FREE, run_finetune
-from lora_one.recipes.models import CLASSIFICATION, infer_task, resolve_model_path
+from lora_one.recipes.models import infer_task, resolve_model_path
 from lora_one.recipes.plots import plot_comparison
 from lora_one.recipes.settings import DataSettings, FinetuneSettings, as_dict, inert, required, setting
 
@@ -86,9 +88,9 @@ class CompareSettings(FinetuneSettings):
                                     "none, the validation split is reported and the report says so)")
     lr_grid: str = setting("2e-4,5e-4,1e-3", "comma-separated learning rates each method chooses from")
     seeds: int = setting(3, "runs per method at its chosen setting, with seeds --seed, --seed + 1, ...")
-    max_steps: int = setting(0, "optimizer steps of every run; overrides --epochs when > 0", flag="--steps")
-    eval_every: int = setting(0, "steps between evaluations (0: a quarter of --steps; by --epochs: step 0 and the "
-                              "end only)")
+    max_steps: int = setting(0, "optimizer steps of every run; overrides --epochs when > 0")
+    eval_every: int = setting(0, "steps between evaluations (0: a quarter of --max-steps; by --epochs: step 0 and "
+                              "the end only)")
     eval_samples: int | None = setting(None, "evaluate a fixed random sample of this many records of each held-out "
                                        f"split (default: all; {GENERATION_SAMPLES} when the responses are open, "
                                        "scored by exact match of greedy generations, which is slow)")
@@ -350,6 +352,7 @@ def run_compare(s: CompareSettings, methods: Mapping[str, Mapping | None] | None
     t_start = time.perf_counter()
     s = dataclasses.replace(s)
     s.check()
+    resolve_device(s.device)  # the machine, too, before any run
     plan = plan_methods({m: None for m in DEFAULT_METHODS} if methods is None else methods, s.learning_rates)
     out = check_out_folder(s.out)
     check_writable(out)

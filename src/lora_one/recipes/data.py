@@ -28,7 +28,7 @@ import random
 import re
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,13 +36,19 @@ from jinja2 import TemplateError
 
 from lora_one.core.errors import UsageError
 from lora_one.recipes import embedded_data
-from lora_one.recipes.models import CAUSAL_LM, CLASSIFICATION, SEQ2SEQ
+from lora_one.recipes.constants import (
+    CAUSAL_LM,
+    CLASSIFICATION,
+    MESSAGES,
+    PROMPT_RESPONSE,
+    SEQ2SEQ,
+    TEXT,
+    TEXT_LABEL,
+    TOO_LONG,
+    Fields,
+)
 
 IGNORE_INDEX = -100
-# What to do with a record longer than --max-length tokens.
-TOO_LONG = ("truncate", "skip", "error")
-PROMPT_RESPONSE, MESSAGES, TEXT, TEXT_LABEL = "prompt-response", "messages", "text", "text-label"
-FORMATS = (PROMPT_RESPONSE, MESSAGES, TEXT, TEXT_LABEL)
 # The formats of each task, in the order detection tries them; the first is the one a record with
 # none of the fields is told about.
 TASK_FORMATS = {CAUSAL_LM: (PROMPT_RESPONSE, MESSAGES, TEXT), SEQ2SEQ: (PROMPT_RESPONSE,), CLASSIFICATION: (TEXT_LABEL,)}
@@ -51,22 +57,6 @@ ROLES = ("system", "user", "assistant")
 HUB_PREFIX = "hub:"
 # file suffix -> the `datasets` builder that reads it
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
-
-
-@dataclass(frozen=True)
-class Fields:
-    """The names of the fields the formats read, and the format (None: detected from the records)."""
-
-    prompt: str = "prompt"
-    response: str = "response"
-    text: str = "text"
-    label: str = "label"
-    messages: str = "messages"
-    format: str | None = None
-
-    def of(self, fmt: str) -> tuple[str, ...]:
-        return {PROMPT_RESPONSE: (self.prompt, self.response), MESSAGES: (self.messages,), TEXT: (self.text,),
-                TEXT_LABEL: (self.text, self.label)}[fmt]
 
 
 DEFAULT_FIELDS = Fields()
@@ -612,24 +602,30 @@ def init_sample_indices(n_records: int, n: int, seed: int) -> list[int]:
     return random.Random(seed).sample(range(n_records), n)
 
 
-def init_batches(features: list[dict], n: int, batch_size: int, seed: int, pad_id: int) -> list[dict]:
-    """`n` examples drawn without replacement with `seed`, in micro-batches of `batch_size`."""
+def init_batches(features: list[dict], n: int, batch_size: int, seed: int, pad_id: int,
+                 search_batch_size: int | None = None, part: tuple[int, int] = (0, 1)) -> list[dict]:
+    """The batches a recipe hands `get_lora_one_model` (with `init_samples=n`): `n` examples drawn without
+    replacement with `seed`, in micro-batches of `batch_size`; with `search_batch_size` (a gamma search),
+    then the `n` examples the search judges the init step on, drawn with `seed + 1` from those that are not
+    init samples (the step fitted to its own samples looks better there than it is), in batches of
+    `search_batch_size` (forward passes only). `part = (index, count)` takes one process's share of each,
+    its examples `index::count`: exactly the share that `get_lora_one_model` reads as this process's init
+    samples, and then as its search samples, so the union over the processes is the same for any count."""
     if n < 1 or batch_size < 1:
         raise UsageError(f"--init-samples and --init-batch-size must be >= 1 (got {n}, {batch_size}).")
-    picked = [features[i] for i in init_sample_indices(len(features), n, seed)]
-    return [collate(picked[i : i + batch_size], pad_id) for i in range(0, n, batch_size)]
-
-
-def search_batches(features: list[dict], n: int, batch_size: int, seed: int, pad_id: int,
-                   part: tuple[int, int] = (0, 1)) -> list[dict]:
-    """The `n` training examples a gamma search judges the init step on: drawn with `seed` from those
-    that are not init samples (the step fitted to its own samples looks better there than it is), in
-    batches of `batch_size` (forward passes only); `part = (index, count)` takes one process's share."""
-    init = set(init_sample_indices(len(features), n, seed))
-    rest = [i for i in range(len(features)) if i not in init]
+    init = init_sample_indices(len(features), n, seed)
+    index, count = part
+    batches = _batched([features[i] for i in init][index::count], batch_size, pad_id)
+    if search_batch_size is None:
+        return batches
+    chosen = set(init)
+    rest = [i for i in range(len(features)) if i not in chosen]
     if n > len(rest):
         raise UsageError(f"a --gamma search needs {n} training records besides the {n} init samples, and there are "
                          f"{len(rest)}; lower --init-samples or give --gamma a number.")
-    index, count = part
-    picked = [features[i] for i in random.Random(seed + 1).sample(rest, n)][index::count]
-    return [collate(picked[i : i + batch_size], pad_id) for i in range(0, len(picked), batch_size)]
+    held_out = [features[i] for i in random.Random(seed + 1).sample(rest, n)][index::count]
+    return batches + _batched(held_out, search_batch_size, pad_id)
+
+
+def _batched(features: list[dict], batch_size: int, pad_id: int) -> list[dict]:
+    return [collate(features[i : i + batch_size], pad_id) for i in range(0, len(features), batch_size)]

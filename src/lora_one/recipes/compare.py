@@ -202,7 +202,7 @@ def _finished(folder: Path, s: FinetuneSettings, overwrite: bool) -> bool:
     if not all((folder / name).is_file() for name in (ADAPTER.marker, SIDECAR, ARGS, METRICS)):
         return False
     # through JSON, as args.json was written: a tuple (a gamma grid) is a list there
-    saved, current = json.loads((folder / ARGS).read_text()), json.loads(json.dumps(as_dict(s)))
+    saved, current = json.loads((folder / ARGS).read_text()), as_dict(s)
     free = {*RESUME_FREE, *inert(current), "out"}
     # None: a default the run filled in (the task, the max length); "out": the comparison may have moved
     differ = [(k, v) for k, v in current.items() if k not in free and v is not None and saved.get(k) != v]

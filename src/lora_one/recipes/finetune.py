@@ -138,7 +138,7 @@ def _check_out_dir(out: Path, s: FinetuneSettings) -> None:
     if s.resume:
         if not (out / ARGS).is_file():
             raise UsageError(f"--resume: {str(out)!r} holds no run (no {ARGS}); start it without --resume.")
-        saved, current = json.loads((out / ARGS).read_text()), json.loads(json.dumps(as_dict(s)))  # tuples: lists
+        saved, current = json.loads((out / ARGS).read_text()), as_dict(s)
         differ = [f"{k} {saved.get(k)!r} there, {current.get(k)!r} now"
                   for k in sorted(set(saved) | set(current))
                   if k not in (*RESUME_FREE, *inert(current)) and saved.get(k) != current.get(k)]

@@ -14,6 +14,7 @@ implementation, only the constants and the config (`tests/test_layers.py`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -280,8 +281,9 @@ class EvalSettings(DataSettings, GenerationSettings):
 
 
 def as_dict(settings) -> dict:
-    """The settings as `args.json` records them (and `--config` reads them back)."""
-    return dataclasses.asdict(settings)
+    """The settings as `args.json` records them (and `--config` reads them back): in JSON form (a tuple
+    is a list), so that a saved run's settings compare equal to the same settings now."""
+    return json.loads(json.dumps(dataclasses.asdict(settings)))
 
 
 def inert(settings: dict) -> set[str]:
